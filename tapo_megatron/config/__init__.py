@@ -1,0 +1,220 @@
+"""One config system: nested dataclasses, YAML files, ``section.field=value`` command-line overrides.
+
+Field names follow Megatron where Megatron has one (``tensor_model_parallel_size``, ``micro_batch_size``, ``lr``,
+``min_lr``, ``lr_warmup_iters``, ``clip_grad``, ``adam_beta1``, ``save``, ``load``, ``save_interval``...).
+Every stage gets only its own section. ``validate()`` names the bad field in its error.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A missing, unknown or contradictory config field; the message names it."""
+
+
+@dataclass
+class ModelConfig:
+    hf_config: dict = field(default_factory=dict)  # HF Qwen3 config.json values (Qwen3Shape fields)
+    hf_config_path: str = ""  # alternative: a config.json or an HF model dir
+    tokenizer: str = "arithmetic"  # "arithmetic" (demo) or a local tokenizer dir
+    params_dtype: str = "float32"  # float32 | bfloat16
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    micro_batch_size: int = 64  # sequences per forward/backward micro-batch
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int = 0  # 0: constant after warmup; else cosine to min_lr at this iteration
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "native"  # native | sglang
+    n_samples_per_prompt: int = 8  # K
+    rollout_batch_size: int = 32  # queries per step (M)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    num_threads: int = 1  # native engine: torch threads for generation
+    weight_sync_bucket_mb: float = 64.0
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage_estimator: str = "grpo"  # grpo | dae
+    normalize_std: bool = True
+    adv_eps: float = 1e-6
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    drop_zero_variance_groups: bool = True  # originals whose group has one reward value carry no signal
+
+
+@dataclass
+class TapoConfig:
+    enabled: bool = False
+    constructor: str = "policy"  # policy | step_verifier
+    n_pos: int = 2
+    n_neg: int = 4
+    m_max: int = 4
+    constructed_coef: float = 1.0  # lambda
+    ots_clip_min: float = 0.01
+    ots_clip_max: float = 10.0
+    constructed_zero_variance: str = "fixed"  # zero | pool | fixed (see algorithms.advantages)
+    constructed_fixed_advantage: float = 1.0
+    min_prefix_match: float = 0.9
+    max_construction_tokens: int = 256
+    construction_prompt: str = ""  # template file; empty: the packaged default
+
+
+@dataclass
+class CheckpointConfig:
+    save: str = ""  # directory; empty: no checkpoints
+    load: str = ""  # directory to resume from; empty: fresh start (or `save` if it holds a checkpoint)
+    save_interval: int = 0  # steps; 0: only at the end
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs/default"
+    wandb_project: str = "tapo-megatron"
+    wandb_mode: str = "offline"  # offline | online | disabled (online needs WANDB_API_KEY)
+    run_name: str = ""
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    train_iters: int = 100
+    eval_interval: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    tapo: TapoConfig = field(default_factory=TapoConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> "TrainConfig":
+        if self.rollout.n_samples_per_prompt < 2:
+            raise ConfigError("rollout.n_samples_per_prompt must be >= 2 (group-normalised advantages need a group)")
+        if self.rollout.engine not in ("native", "sglang"):
+            raise ConfigError(f"rollout.engine={self.rollout.engine!r}: expected 'native' or 'sglang'")
+        if self.model.params_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"model.params_dtype={self.model.params_dtype!r}: expected 'float32' or 'bfloat16'")
+        if not self.model.hf_config and not self.model.hf_config_path:
+            raise ConfigError("model.hf_config or model.hf_config_path is required")
+        if self.tapo.enabled and self.tapo.n_pos + self.tapo.n_neg > self.rollout.n_samples_per_prompt:
+            raise ConfigError(
+                f"tapo.n_pos + tapo.n_neg = {self.tapo.n_pos + self.tapo.n_neg} exceeds "
+                f"rollout.n_samples_per_prompt = {self.rollout.n_samples_per_prompt}: no query can be a candidate")
+        if self.logging.wandb_mode not in ("offline", "online", "disabled"):
+            raise ConfigError(f"logging.wandb_mode={self.logging.wandb_mode!r}: expected offline, online or disabled")
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"):
+            if getattr(self.parallel, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1")
+        return self
+
+
+def _coerce(value, typ, where: str):
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{where}: expected a boolean, got {value!r}")
+        return bool(value)
+    if typ in (int, float, str):
+        try:
+            return typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    if typ is dict or origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Build a (nested) config dataclass from a dict, refusing unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            raise ConfigError(f"unknown config field {path!r}; valid fields here: {', '.join(sorted(names))}")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = from_dict(typ, value, path)
+        else:
+            kwargs[key] = _coerce(value, typ, path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply ``a.b=value`` overrides (YAML-parsed values) in place; unknown paths are refused by name."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        path, raw = item.split("=", 1)
+        target = cfg
+        parts = path.split(".")
+        for part in parts[:-1]:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+                raise ConfigError(f"unknown config section {path!r}")
+            target = getattr(target, part)
+        name = parts[-1]
+        if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
+            raise ConfigError(f"unknown config field {path!r}")
+        typ = typing.get_type_hints(type(target))[name]
+        value = yaml.safe_load(raw) if raw else raw
+        setattr(target, name, _coerce(value, typ, path))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=TrainConfig):
+    """Load a YAML recipe (or defaults), apply overrides, validate."""
+    data = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+    cfg = from_dict(cls, data)
+    apply_overrides(cfg, list(overrides))
+    return cfg.validate() if hasattr(cfg, "validate") else cfg

@@ -1,0 +1,279 @@
+"""Checkpoint conversion entry points: HF Qwen3 directory <-> Megatron-Core distributed checkpoint.
+
+Megatron-side format (the actor's checkpoint format, so either loads into the other)::
+
+    <ckpt>/model/            megatron.core.dist_checkpointing (torch_dist) of GPTModel.sharded_state_dict()
+    <ckpt>/hf_config.json    the HF config.json of the model (Qwen3Shape.from_file reads it)
+    <ckpt>/hf_assets/        tokenizer + generation config copied from the HF directory (converted checkpoints)
+
+A distributed checkpoint stores global tensors, so it loads at any TP/PP (``load_mcore_checkpoint``), whatever
+layout wrote it.
+
+* ``hf_to_mcore(hf_dir, out, tp, pp)``: run as one process (tp = pp = 1) or under
+  ``torchrun --nproc_per_node N`` with N a multiple of tp * pp. Each rank builds its stage, reads only the HF
+  tensors that stage needs (lazily, one at a time) and the stages save together. Peak memory per rank is its
+  stage plus one layer's HF tensors: split a large model over more PP ranks to bound it.
+* ``mcore_to_hf(ckpt, out)``: streams without building a model. For each layer it loads just that layer's slices
+  of the stacked checkpoint tensors, maps them to HF names and hands them to a shard writer that flushes a
+  safetensors shard whenever it fills, so memory is one shard plus one layer. Under torchrun, rank 0 does the work.
+
+Both write to ``<out>.tmp`` and rename it to ``<out>`` at the end, so an interrupted run leaves no ``<out>``.
+Usage from Python::
+
+    from tapo_megatron.convert import hf_to_mcore, mcore_to_hf
+    hf_to_mcore("Qwen3-0.6B", "ckpt/qwen3-0.6b", tp=1, pp=1)
+    mcore_to_hf("ckpt/qwen3-0.6b", "export/qwen3-0.6b")
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tapo_megatron.convert.hf_io import (
+    ConversionError,
+    HFCheckpointReader,
+    HFShardWriter,
+    copy_hf_assets,
+)
+from tapo_megatron.convert.qwen3 import (
+    EMBEDDING,
+    FINAL_NORM,
+    LAYER_SLOTS,
+    OUTPUT,
+    check_hf_tensors,
+    full_to_hf,
+    hf_layer_prefix,
+    load_hf_weights,
+    stage_items,
+)
+from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3, check_parallel
+
+MODEL_SUBDIR = "model"
+HF_CONFIG_FILE = "hf_config.json"
+ASSETS_SUBDIR = "hf_assets"
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=_rank() != 0, leave=False)
+
+
+def _start_atomic(out: Path, overwrite: bool) -> Path:
+    """Rank 0 prepares ``<out>.tmp`` (removing a stale one); returns it. Refuses an existing ``out``."""
+    tmp = out.with_name(out.name + ".tmp")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    if _rank() == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+    return tmp
+
+
+def _finish_atomic(tmp: Path, out: Path) -> None:
+    _barrier()
+    if _rank() == 0:
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    _barrier()
+
+
+def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, dtype: torch.dtype | None = None,
+                overwrite: bool = False, seed: int = 1234) -> Path:
+    """Convert an HF Qwen3 directory into a Megatron distributed checkpoint at ``out``; returns ``out``.
+
+    ``tp``/``pp``: the layout the conversion runs with (world size must be a multiple of tp * pp; a single process
+    means tp = pp = 1). The checkpoint itself loads at any layout. ``dtype``: parameter dtype (default: the HF
+    tensors' dtype, so the round trip is bit-exact). Raises ``ConversionError`` for config/tensor mismatches,
+    missing/extra keys and truncated files, ``ParallelConfigError`` when tp does not divide heads/KV groups.
+    """
+    from megatron.core import dist_checkpointing
+
+    from tapo_megatron.parallel import init_parallel
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    t0 = time.perf_counter()
+    reader = HFCheckpointReader(hf_dir)
+    shape = Qwen3Shape.from_hf(reader.config)
+    check_hf_tensors(shape, {k: v.shape for k, v in reader.info.items()}, source=f"HF checkpoint {hf_dir}")
+    world = dist.get_world_size() if dist.is_initialized() else int(__import__("os").environ.get("WORLD_SIZE", 1))
+    check_parallel(shape, tp, pp, world)
+    ctx = init_parallel(tp, pp, seed=seed)
+    dtype = dtype or reader.dtype
+    model = build_qwen3(shape, ctx, dtype)
+    bar = _progress(len(stage_items(model)), f"hf->mcore stage {ctx.pp_rank}")
+    load_hf_weights(model, ctx, reader, progress=bar.update)
+    bar.close()
+    reader.close()
+
+    tmp = _start_atomic(out, overwrite)
+    (tmp / MODEL_SUBDIR).mkdir(exist_ok=True) if _rank() == 0 else None
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_SUBDIR))
+    if _rank() == 0:
+        config = dict(reader.config)
+        config.update(shape.to_hf() | {k: v for k, v in reader.config.items() if k not in shape.to_hf()})
+        config["tie_word_embeddings"] = shape.tie_word_embeddings
+        (tmp / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        copy_hf_assets(hf_dir, tmp / ASSETS_SUBDIR)
+    _finish_atomic(tmp, out)
+    if _rank() == 0:
+        print(f"hf_to_mcore: {hf_dir} -> {out} (tp={tp}, pp={pp}, {dtype}) in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def load_mcore_checkpoint(model, ckpt: str | Path) -> None:
+    """Load a checkpoint written by ``hf_to_mcore`` or the actor into a model stage built at any TP/PP."""
+    from megatron.core import dist_checkpointing
+
+    from tapo_megatron.convert.qwen3 import unwrap_model
+
+    model_dir = Path(ckpt) / MODEL_SUBDIR
+    if not model_dir.is_dir():
+        raise ConversionError(f"{model_dir} not found: not a Megatron checkpoint written by hf_to_mcore or the actor")
+    m = unwrap_model(model)
+    state = dist_checkpointing.load(m.sharded_state_dict(), str(model_dir))
+    m.load_state_dict(state)
+
+
+def read_ckpt_shape(ckpt: str | Path) -> Qwen3Shape:
+    """The Qwen3 shape recorded in a Megatron checkpoint directory (``<ckpt>/hf_config.json``)."""
+    path = Path(ckpt) / HF_CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(f"{path} not found: the checkpoint does not record its HF config")
+    return Qwen3Shape.from_file(path)
+
+
+def _check_ckpt_metadata(shape: Qwen3Shape, metadata: dict, model_dir: Path) -> torch.dtype:
+    """Refuse a checkpoint whose stored tensors do not match ``hf_config.json``; returns the weight dtype."""
+    h, d, i_, v, L = (shape.hidden_size, shape.head_dim, shape.intermediate_size, shape.vocab_size,
+                      shape.num_hidden_layers)
+    qkv_rows = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * d
+    layer_shapes = {
+        LAYER_SLOTS[0].ckpt_key: (h,), LAYER_SLOTS[1].ckpt_key: (qkv_rows, h), LAYER_SLOTS[2].ckpt_key: (d,),
+        LAYER_SLOTS[3].ckpt_key: (d,), LAYER_SLOTS[4].ckpt_key: (h, shape.num_attention_heads * d),
+        LAYER_SLOTS[5].ckpt_key: (h,), LAYER_SLOTS[6].ckpt_key: (2 * i_, h), LAYER_SLOTS[7].ckpt_key: (h, i_),
+    }
+    expected = {EMBEDDING.ckpt_key: (v, h), FINAL_NORM.ckpt_key: (h,)}
+    expected.update({k: (L, *s) for k, s in layer_shapes.items()})
+    if not shape.tie_word_embeddings:
+        expected[OUTPUT.ckpt_key] = (v, h)
+    for key, want in expected.items():
+        if key not in metadata:
+            raise ConversionError(f"Megatron checkpoint {model_dir} has no tensor {key} (hf_config.json: "
+                                  f"tie_word_embeddings={shape.tie_word_embeddings})")
+        got = tuple(metadata[key].global_shape)
+        if got != want:
+            raise ConversionError(f"Megatron checkpoint tensor {key} has global shape {got}, hf_config.json implies "
+                                  f"{want}")
+    extra = sorted(k for k in metadata if k not in expected and not k.endswith("_extra_state"))
+    if extra:
+        raise ConversionError(f"Megatron checkpoint {model_dir} has tensor(s) the Qwen3 mapping does not know: "
+                              f"{', '.join(extra[:8])}")
+    return metadata[EMBEDDING.ckpt_key].dtype
+
+
+def _load_slices(requests: dict[str, tuple[tuple[int, ...], torch.dtype, int | None, int]], model_dir: Path,
+                 group) -> dict[str, torch.Tensor]:
+    """Load ``{key: (shape, dtype, layer index or None, num_layers)}`` slices from a distributed checkpoint."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    sharded = {}
+    for key, (shape, dtype, layer, num_layers) in requests.items():
+        buf = torch.empty(shape, dtype=dtype)
+        if layer is None:
+            sharded[key] = ShardedTensor.from_rank_offsets(key, buf, replica_id=0)
+        else:  # layer params are stored stacked as [num_layers, *shape]; read only row `layer`
+            sharded[key] = ShardedTensor.from_rank_offsets(key, buf, (0, layer, num_layers), replica_id=0,
+                                                           prepend_axis_num=1)
+    return dist_checkpointing.load(sharded, str(model_dir), process_group=group)
+
+
+def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2**30,
+                tokenizer_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Convert a Megatron checkpoint (``hf_to_mcore`` output or an actor checkpoint) into an HF directory.
+
+    Writes ``config.json``, ``model-*.safetensors`` + ``model.safetensors.index.json`` (shards of at most
+    ``max_shard_bytes``) and the tokenizer / generation config from ``<ckpt>/hf_assets`` or, if given,
+    ``tokenizer_dir``. Streams: one layer in memory plus the shard being filled. Returns ``out``.
+    """
+    from megatron.core import dist_checkpointing
+
+    from tapo_megatron.parallel import init_parallel
+
+    ckpt, out = Path(ckpt), Path(out)
+    t0 = time.perf_counter()
+    shape = read_ckpt_shape(ckpt)
+    model_dir = ckpt / MODEL_SUBDIR
+    if not model_dir.is_dir():
+        raise ConversionError(f"{model_dir} not found: not a Megatron checkpoint written by hf_to_mcore or the actor")
+    if not dist.is_initialized():
+        init_parallel(1, 1)
+    # Rank 0 works alone on a group of its own; other ranks only wait (dist_checkpointing.load is collective).
+    solo_groups = [dist.new_group([r]) for r in range(dist.get_world_size())] if dist.get_world_size() > 1 else None
+    group = solo_groups[0] if solo_groups else None
+    tmp = _start_atomic(out, overwrite)
+    if _rank() == 0:
+        metadata = dist_checkpointing.load_tensors_metadata(str(model_dir))
+        dtype = _check_ckpt_metadata(shape, metadata, model_dir)
+        writer = HFShardWriter(tmp, max_shard_bytes)
+        L, h = shape.num_hidden_layers, shape.hidden_size
+        globals_first = [EMBEDDING]
+        globals_last = [FINAL_NORM] + ([] if shape.tie_word_embeddings else [OUTPUT])
+        bar = _progress(L + len(globals_first) + len(globals_last), "mcore->hf")
+
+        def emit(slot, full: torch.Tensor, hf_prefix: str) -> None:
+            for name, tensor in zip(slot.hf, full_to_hf(slot, full, shape)):
+                writer.add(hf_prefix + name, tensor)
+
+        for slot in globals_first:  # one big tensor per load keeps the peak at one tensor, not all globals
+            key = slot.ckpt_key
+            emit(slot, _load_slices({key: (tuple(metadata[key].global_shape), dtype, None, L)}, model_dir,
+                                    group)[key], "")
+            bar.update(1)
+        for layer in range(L):
+            req = {s.ckpt_key: (tuple(metadata[s.ckpt_key].global_shape[1:]), dtype, layer, L) for s in LAYER_SLOTS}
+            loaded = _load_slices(req, model_dir, group)
+            for slot in LAYER_SLOTS:
+                emit(slot, loaded[slot.ckpt_key], hf_layer_prefix(layer))
+            del loaded
+            bar.update(1)
+        for slot in globals_last:
+            key = slot.ckpt_key
+            emit(slot, _load_slices({key: (tuple(metadata[key].global_shape), dtype, None, L)}, model_dir,
+                                    group)[key], "")
+            bar.update(1)
+        bar.close()
+        writer.close()
+        hf_config = json.loads((ckpt / HF_CONFIG_FILE).read_text())
+        config = {**hf_config, **shape.to_hf()}
+        config["torch_dtype"] = config["dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        assets = Path(tokenizer_dir) if tokenizer_dir is not None else ckpt / ASSETS_SUBDIR
+        if assets.is_dir():
+            copy_hf_assets(assets, tmp)
+        del h
+    _finish_atomic(tmp, out)
+    if _rank() == 0:
+        print(f"mcore_to_hf: {ckpt} -> {out} in {time.perf_counter() - t0:.1f} s")
+    return out

@@ -1,0 +1,171 @@
+"""Qwen3 on Megatron-Core: an HF-style Qwen3 config -> a ``GPTModel`` stage for this rank's TP/PP position.
+
+Qwen3 = GQA attention with per-head q/k RMSNorm, SwiGLU MLP, RoPE (theta from the config), RMSNorm, no biases,
+tied (0.6B-4B) or untied (8B) embeddings. The Transformer Engine layer spec is used when TE imports, the local
+(pure megatron.core) spec otherwise; both give the same parameter names for the converter except where
+``convert.qwen3`` says otherwise.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tapo_megatron.parallel import ParallelConfigError, ParallelContext, check_layout, is_gpu
+
+
+class ModelConfigError(ValueError):
+    """A model config that is missing a field or contradicts itself."""
+
+
+@dataclass(frozen=True)
+class Qwen3Shape:
+    """The architecture values of a Qwen3 model, with HF ``config.json`` field names."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rope_theta: float = 1_000_000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 40960
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "Qwen3Shape":
+        """From an HF ``config.json`` dict (extra keys ignored; missing required keys named in the error)."""
+        cfg = dict(cfg)
+        if "head_dim" not in cfg and "hidden_size" in cfg and "num_attention_heads" in cfg:
+            cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+        if "rope_theta" not in cfg and isinstance(cfg.get("rope_parameters"), dict):
+            cfg["rope_theta"] = cfg["rope_parameters"].get("rope_theta", cls.rope_theta)
+        known = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        missing = [name for name in required if name not in cfg]
+        if missing:
+            raise ModelConfigError(f"Qwen3 config is missing required field(s): {', '.join(missing)}")
+        shape = cls(**{k: v for k, v in cfg.items() if k in known})
+        shape.validate()
+        return shape
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Qwen3Shape":
+        return cls.from_hf(json.loads(Path(path).read_text()))
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ModelConfigError(f"Qwen3 config field {name}={value!r} must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}")
+
+    def to_hf(self) -> dict:
+        """An HF ``config.json`` for ``Qwen3ForCausalLM`` with these values."""
+        return {
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
+            "attention_bias": False, "attention_dropout": 0.0, "torch_dtype": "float32",
+            **asdict(self),
+        }
+
+    def num_parameters(self) -> int:
+        h, l, i, v = self.hidden_size, self.num_hidden_layers, self.intermediate_size, self.vocab_size
+        q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 2 * self.head_dim + 3 * h * i + 2 * h
+        return v * h * (1 if self.tie_word_embeddings else 2) + l * per_layer + h
+
+
+def check_parallel(shape: Qwen3Shape, tp: int, pp: int, world_size: int | None = None) -> None:
+    """Refuse a layout the model cannot be split into, naming the field."""
+    check_layout(world_size if world_size is not None else tp * pp, tp, pp, num_layers=shape.num_hidden_layers,
+                 num_heads=shape.num_attention_heads, num_kv_heads=shape.num_key_value_heads)
+    if shape.vocab_size % tp:
+        raise ParallelConfigError(f"tensor_model_parallel_size={tp} does not divide vocab_size={shape.vocab_size}")
+
+
+def have_transformer_engine() -> bool:
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except ImportError:
+        return False
+    return bool(HAVE_TE) and is_gpu()
+
+
+def transformer_config(shape: Qwen3Shape, ctx: ParallelContext, dtype: torch.dtype = torch.float32):
+    """The Megatron ``TransformerConfig`` for a Qwen3 shape on this layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    gpu = is_gpu()
+    return TransformerConfig(
+        num_layers=shape.num_hidden_layers,
+        hidden_size=shape.hidden_size,
+        ffn_hidden_size=shape.intermediate_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_key_value_heads,
+        kv_channels=shape.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=shape.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=0.02,
+        tensor_model_parallel_size=ctx.tp_size,
+        pipeline_model_parallel_size=ctx.pp_size,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        # Fusions that need apex/TE or CUDA: off unless on GPU with TE.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        use_cpu_initialization=not gpu,
+        batch_p2p_sync=gpu,
+        deallocate_pipeline_outputs=False,
+    )
+
+
+def build_qwen3(shape: Qwen3Shape, ctx: ParallelContext, dtype: torch.dtype = torch.float32):
+    """Build this rank's stage of a Qwen3 ``GPTModel`` (random init; load weights with a checkpoint or converter)."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    check_parallel(shape, ctx.tp_size, ctx.pp_size, ctx.world_size)
+    config = transformer_config(shape, ctx, dtype)
+    if have_transformer_engine():
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    else:
+        spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.max_position_embeddings,
+        pre_process=ctx.is_first_stage,
+        post_process=ctx.is_last_stage,
+        parallel_output=True,  # keep logits vocab-sharded: log-probs are computed vocab-parallel
+        share_embeddings_and_output_weights=shape.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(shape.rope_theta),
+        rotary_percent=1.0,
+    )
+    model.to(ctx.device)
+    return model

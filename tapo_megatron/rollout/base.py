@@ -1,0 +1,161 @@
+"""The rollout engine interface, shared by every engine (native HF engine on CPU/GPU, SGLang on GPU).
+
+An engine turns token prompts into sampled responses with per-token log-probs, and takes new weights from the actor:
+
+    engine.generate(prompts: list[list[int]], params: SamplingParams) -> list[Generation]   # one per prompt, in order
+    engine.update_weights(buckets, version)   # atomic: all tensors or none, then weight_version == version
+
+Weights travel with HF names (``model.layers.0.self_attn.q_proj.weight`` for Qwen3), in size-bounded buckets
+(``list[(name, tensor)]``) so that the sender never holds a second full copy. :func:`stage_weight_buckets` is the
+shared validation step: it drains the whole stream into staging copies and checks every name, shape and dtype
+against the engine's expected weights before anything touches the model.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from tapo_megatron.records import Generation, SamplingParams
+
+
+class WeightUpdateError(ValueError):
+    """A weight stream the engine refuses (unknown, duplicate or missing name; wrong shape or dtype)."""
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """What the engine expects for one named tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class RolloutEngine(abc.ABC):
+    """A generation backend the RL loop drives. Implementations: ``NativeEngine`` (HF transformers), SGLang.
+
+    Contract for every implementation:
+    - ``generate`` returns one ``Generation`` per prompt, in prompt order, stamped with ``weight_version``.
+      ``Generation.logprobs[i]`` is log p(token_i | prompt, tokens_<i) under the model at temperature 1 with no
+      top-p truncation, in fp32: the quantity the actor recomputes, so actor-vs-engine differences measure the
+      numerical mismatch only.
+    - ``update_weights`` is atomic: after an exception (bad tensor, sender failure, truncated stream) the engine
+      still serves the previous weights and reports the previous ``weight_version``.
+    """
+
+    @abc.abstractmethod
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        """Sample one response per prompt.
+
+        Args:
+            prompts: token ids, one list per prompt; lengths may differ (engines pad internally).
+            params: temperature (0 = greedy), top_p, max_new_tokens, stop_token_ids (a sampled stop token is kept
+                in the response and ends it), seed (None: drawn from the engine's own generator).
+
+        Returns:
+            ``len(prompts)`` generations, in order.
+        """
+
+    @abc.abstractmethod
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        """Replace all model weights from a stream of HF-named tensor buckets, atomically, then set
+        ``weight_version = version``. Raises ``WeightUpdateError`` naming the offending tensor."""
+
+    @property
+    @abc.abstractmethod
+    def weight_version(self) -> int:
+        """Version of the weights currently served (0 before the first update)."""
+
+    @abc.abstractmethod
+    def flush_cache(self) -> None:
+        """Drop any cached prefixes/KV computed with earlier weights."""
+
+    @abc.abstractmethod
+    def release_memory(self) -> None:
+        """Free accelerator memory held for generation so training can use it (colocated mode)."""
+
+    @abc.abstractmethod
+    def resume_memory(self) -> None:
+        """Undo ``release_memory`` before the next ``generate``."""
+
+    @abc.abstractmethod
+    def shutdown(self) -> None:
+        """Stop the engine and free its resources; later calls to ``generate`` raise."""
+
+    @abc.abstractmethod
+    def health(self) -> bool:
+        """True when the engine can serve ``generate``."""
+
+
+def check_sampling_params(params: SamplingParams) -> None:
+    """Refuse sampling parameters no engine can honour, naming the field."""
+    if not params.temperature >= 0.0:  # also catches NaN
+        raise ValueError(f"SamplingParams.temperature={params.temperature} must be >= 0 (0 means greedy)")
+    if not 0.0 < params.top_p <= 1.0:
+        raise ValueError(f"SamplingParams.top_p={params.top_p} must be in (0, 1]")
+    if not isinstance(params.max_new_tokens, int) or params.max_new_tokens < 1:
+        raise ValueError(f"SamplingParams.max_new_tokens={params.max_new_tokens!r} must be an integer >= 1")
+    for token in params.stop_token_ids:
+        if not isinstance(token, int) or token < 0:
+            raise ValueError(f"SamplingParams.stop_token_ids contains {token!r}; token ids are integers >= 0")
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> None:
+    """Refuse empty prompts and out-of-vocabulary ids, naming the prompt index."""
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        low, high = min(prompt), max(prompt)
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"prompt {i} has token id {bad} outside the vocabulary [0, {vocab_size})")
+
+
+def stage_weight_buckets(
+    buckets: Iterable[list[tuple[str, torch.Tensor]]],
+    expected: Mapping[str, WeightSpec],
+    *,
+    device: torch.device | str,
+    optional: Iterable[str] = (),
+) -> dict[str, torch.Tensor]:
+    """Drain a weight stream into staging copies, validating every tensor; touch no model.
+
+    Args:
+        buckets: iterable of buckets, each a list of (HF name, tensor). The sender may reuse its bucket memory once
+            the next bucket is requested, hence the copies.
+        expected: name -> WeightSpec of every tensor the stream must contain.
+        device: where the staging copies live (the engine's device).
+        optional: names that may arrive but need not (e.g. a tied ``lm_head.weight``); they must still match
+            ``expected`` when they do.
+
+    Returns:
+        name -> staged tensor (detached copy on ``device``), containing every required name.
+
+    Raises:
+        WeightUpdateError: unknown, duplicate or missing name, wrong shape or dtype, non-tensor value.
+        Anything the stream itself raises propagates unchanged; nothing has been applied in either case.
+    """
+    optional = set(optional)
+    staged: dict[str, torch.Tensor] = {}
+    for bucket_index, bucket in enumerate(buckets):
+        for name, tensor in bucket:
+            where = f"tensor {name!r} (bucket {bucket_index})"
+            if name not in expected:
+                raise WeightUpdateError(f"{where}: unknown name; the engine's model has no such weight")
+            if name in staged:
+                raise WeightUpdateError(f"{where}: sent twice in one update")
+            if not isinstance(tensor, torch.Tensor):
+                raise WeightUpdateError(f"{where}: expected a torch.Tensor, got {type(tensor).__name__}")
+            spec = expected[name]
+            if tuple(tensor.shape) != spec.shape:
+                raise WeightUpdateError(f"{where}: shape {tuple(tensor.shape)} != expected {spec.shape}")
+            if tensor.dtype != spec.dtype:
+                raise WeightUpdateError(f"{where}: dtype {tensor.dtype} != expected {spec.dtype}")
+            staged[name] = tensor.detach().to(device=device, copy=True)
+    missing = [name for name in expected if name not in staged and name not in optional]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightUpdateError(f"weight stream ended without {len(missing)} tensor(s): {shown}")
+    return staged

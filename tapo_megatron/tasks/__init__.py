@@ -1,0 +1,36 @@
+"""Built-in tasks. ``arithmetic``: the embedded CPU demo (char-level, step-verifiable multi-step arithmetic)."""
+from tapo_megatron.tasks.arithmetic import (
+    CORRECTION_MARKER,
+    ArithmeticTask,
+    ArithmeticTokenizer,
+    Step,
+    StepCheck,
+    StepErrorKind,
+    check_steps,
+    encode_prompt,
+    evaluate,
+    extract_answer,
+    format_prompt,
+    is_reflective,
+    solution_steps,
+    solution_text,
+    write_correction,
+)
+
+__all__ = [
+    "CORRECTION_MARKER",
+    "ArithmeticTask",
+    "ArithmeticTokenizer",
+    "Step",
+    "StepCheck",
+    "StepErrorKind",
+    "check_steps",
+    "encode_prompt",
+    "evaluate",
+    "extract_answer",
+    "format_prompt",
+    "is_reflective",
+    "solution_steps",
+    "solution_text",
+    "write_correction",
+]

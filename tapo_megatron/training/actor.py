@@ -1,0 +1,401 @@
+"""The policy actor: a Qwen3 ``GPTModel`` under Megatron DDP + DistributedOptimizer, any TP x PP x DP layout.
+
+    actor = MegatronActor(shape, ctx, optim_cfg, parallel_cfg)
+    logprobs, entropy = actor.compute_logprobs(tokens)            # [B, T] each, on every rank
+    metrics = actor.train_step(batch, loss_fn)                      # one optimizer step on the global batch
+    actor.save_checkpoint(dir, step, state); actor.load_checkpoint(dir)
+
+Every method takes the GLOBAL batch (identical on all ranks) and slices this rank's data-parallel shard itself, so
+a loss normalised by global token counts is exact under any DP size and micro-batching. Token-aligned tensors
+follow records.py: entry t refers to token t; position 0 has no log-prob (0).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from tapo_megatron.config import OptimizerConfig, ParallelConfig
+from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3
+from tapo_megatron.parallel import ParallelContext
+from tapo_megatron.training.logprobs import vocab_parallel_logprobs_and_entropy
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"  # Megatron's name for the pointer to the newest checkpoint
+
+# loss_fn(logprobs [mb, T], micro_batch: dict[str, Tensor]) -> (loss, metrics). The loss must already be
+# normalised by GLOBAL token counts, so that the sum over micro-batches and data-parallel ranks is the batch loss.
+LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm was NaN/inf; the step was not applied."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    metrics: dict
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+class MegatronActor:
+    def __init__(self, shape: Qwen3Shape, ctx: ParallelContext, optim: OptimizerConfig,
+                 parallel: ParallelConfig, params_dtype: str = "float32"):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        self.shape, self.ctx, self.optim_cfg, self.parallel_cfg = shape, ctx, optim, parallel
+        self.dtype = _dtype(params_dtype)
+        module = build_qwen3(shape, ctx, self.dtype)
+        self.config = module.config
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer)
+        self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)
+        # Without this, DP gradients are silently never reduced (STACK_NOTES).
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = self.model.no_sync
+        self.optimizer = get_megatron_optimizer(
+            McoreOptimizerConfig(
+                optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
+                clip_grad=optim.clip_grad, bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
+                use_distributed_optimizer=parallel.use_distributed_optimizer),
+            [self.model])
+        self.iteration = 0
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def module(self) -> torch.nn.Module:
+        """The unwrapped GPTModel stage (sharded state dicts and weight export are taken from it)."""
+        return self.model.module
+
+    def lr_at(self, iteration: int) -> float:
+        o = self.optim_cfg
+        if o.lr_warmup_iters and iteration < o.lr_warmup_iters:
+            return o.lr * (iteration + 1) / o.lr_warmup_iters
+        if not o.lr_decay_iters:
+            return o.lr
+        progress = min(1.0, (iteration - o.lr_warmup_iters) / max(1, o.lr_decay_iters - o.lr_warmup_iters))
+        return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
+
+    def _dp_shard(self, tensors: dict[str, torch.Tensor], batch_size: int) -> tuple[dict, int]:
+        """Pad the global batch to a multiple of dp x micro_batch_size, return this DP rank's contiguous shard."""
+        dp, mbs = self.ctx.dp_size, self.parallel_cfg.micro_batch_size
+        per_rank = math.ceil(batch_size / dp)
+        per_rank = math.ceil(per_rank / mbs) * mbs if per_rank > mbs else per_rank
+        padded = per_rank * dp
+        out = {}
+        for name, t in tensors.items():
+            if t is None:
+                continue
+            if padded > batch_size:  # padding rows are all-zero: loss_mask 0, so they never reach the loss
+                t = torch.cat([t, t.new_zeros((padded - batch_size, *t.shape[1:]))])
+            out[name] = t[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
+        return out, per_rank
+
+    def _micro_batches(self, shard: dict, rows: int) -> list[dict]:
+        mbs = min(self.parallel_cfg.micro_batch_size, rows)
+        return [{k: v[i:i + mbs] for k, v in shard.items()} for i in range(0, rows, mbs)]
+
+    def _forward_backward(self, micro_batches: list[dict], loss_fn: Callable, forward_only: bool,
+                          temperature: float = 1.0, with_entropy: bool = False) -> list[dict]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        num_mb = len(micro_batches)
+        scale = num_mb * self.ctx.dp_size  # undo the schedule's 1/num_microbatches and DDP's 1/dp averaging
+        seq_len = micro_batches[0]["tokens"].shape[1]
+
+        def forward_step(data_iterator, model):
+            mb = next(data_iterator)
+            tokens = mb["tokens"].to(self.ctx.device)
+            position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+            output = model(tokens, position_ids, None)
+
+            def loss_func(logits):
+                logprobs, entropy = vocab_parallel_logprobs_and_entropy(
+                    logits, tokens, self.ctx.tp_group, temperature=temperature, with_entropy=with_entropy)
+                loss, metrics = loss_fn(logprobs, entropy, mb)
+                return loss * scale, metrics
+
+            return output, loss_func
+
+        fb = get_forward_backward_func()
+        return fb(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
+                  num_microbatches=num_mb, seq_length=seq_len, micro_batch_size=micro_batches[0]["tokens"].shape[0],
+                  forward_only=forward_only)
+
+    def _broadcast_from_last_stage(self, tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
+        if self.ctx.pp_size == 1:
+            return tensor
+        if tensor is None:
+            tensor = torch.empty(shape, dtype=dtype, device=self.ctx.device)
+        dist.broadcast(tensor, src=self.ctx.last_stage_global_rank, group=self.ctx.pp_group)
+        return tensor
+
+    def _gather_dp(self, tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
+        if self.ctx.dp_size > 1:
+            parts = [torch.empty_like(tensor) for _ in range(self.ctx.dp_size)]
+            dist.all_gather(parts, tensor.contiguous(), group=self.ctx.dp_group)
+            tensor = torch.cat(parts)
+        return tensor[:batch_size]
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def compute_logprobs(self, tokens: torch.Tensor, temperature: float = 1.0,
+                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs (and entropies) of ``tokens`` [B, T] under the current weights, on every rank."""
+        self.model.eval()
+        batch_size, seq_len = tokens.shape
+        shard, rows = self._dp_shard({"tokens": tokens}, batch_size)
+
+        def collect(logprobs, entropy, mb):
+            out = {"logprobs": logprobs.float()}
+            if entropy is not None:
+                out["entropy"] = entropy.float()
+            return torch.zeros((), device=logprobs.device), out
+
+        outputs = self._forward_backward(self._micro_batches(shard, rows), collect, forward_only=True,
+                                         temperature=temperature, with_entropy=with_entropy)
+        self.model.train()
+        results = []
+        for key in ("logprobs", "entropy") if with_entropy else ("logprobs",):
+            local = torch.cat([o[key] for o in outputs]) if self.ctx.is_last_stage else None
+            local = self._broadcast_from_last_stage(local, (rows, seq_len), torch.float32)
+            results.append(self._gather_dp(local, batch_size).cpu())
+        return results[0], (results[1] if with_entropy else None)
+
+    def train_step(self, tensors: dict[str, torch.Tensor], loss_fn: LossFn) -> StepResult:
+        """One optimizer step on a global batch given as [B, ...] tensors (``tokens`` required).
+
+        ``loss_fn`` must normalise by global token counts (see LossFn). Raises NonFiniteLossError (and leaves the
+        weights untouched) when the loss or gradients are not finite.
+        """
+        self.model.train()
+        batch_size = tensors["tokens"].shape[0]
+        shard, rows = self._dp_shard(tensors, batch_size)
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self.lr_at(self.iteration)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        def wrapped(logprobs, entropy, mb):
+            loss, metrics = loss_fn(logprobs, mb)
+            return loss, {"loss": loss.detach().clone(), **{k: torch.as_tensor(v).detach().float()
+                                                          for k, v in metrics.items()}}
+
+        outputs = self._forward_backward(self._micro_batches(shard, rows), wrapped, forward_only=False)
+        metrics = self._reduce_metrics(outputs)
+        if not math.isfinite(metrics.get("loss", 0.0)):
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            raise NonFiniteLossError(f"non-finite loss {metrics.get('loss')} at iteration {self.iteration}; "
+                                     "the step was skipped and the weights are unchanged")
+        update_successful, grad_norm, _ = self.optimizer.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else 0.0
+        if not update_successful or not math.isfinite(grad_norm):
+            raise NonFiniteLossError(f"non-finite gradient norm at iteration {self.iteration}; step skipped")
+        self.iteration += 1
+        return StepResult(loss=metrics.pop("loss"), grad_norm=grad_norm, lr=lr, metrics=metrics)
+
+    def _reduce_metrics(self, outputs: list[dict]) -> dict:
+        """Sum "loss" over micro-batches and DP ranks (it is globally normalised); average other metrics."""
+        names = sorted(outputs[0]) if outputs else []
+        values = torch.zeros(len(names) + 1, dtype=torch.float64)
+        if self.ctx.is_last_stage and outputs:
+            for i, name in enumerate(names):
+                total = sum(float(o[name]) for o in outputs)
+                values[i] = total if name == "loss" else total / len(outputs)
+            values[-1] = 1.0
+        # Only the last stage holds the outputs: sum over PP (others contribute 0) then over DP.
+        names_obj = [names]
+        if self.ctx.world_size > 1:
+            dist.broadcast_object_list(names_obj, src=self.ctx.last_stage_global_rank, group=self.ctx.pp_group) \
+                if self.ctx.pp_size > 1 else None
+            names = names_obj[0]
+            if len(values) != len(names) + 1:
+                values = torch.zeros(len(names) + 1, dtype=torch.float64)
+            dist.all_reduce(values, group=self.ctx.pp_group)
+            dist.all_reduce(values, group=self.ctx.dp_group)
+        result = {}
+        for i, name in enumerate(names):
+            result[name] = float(values[i]) if name == "loss" else float(values[i]) / self.ctx.dp_size
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, save_dir: str | Path, state: dict | None = None) -> Path:
+        """Atomically save model, optimizer, RNG and ``state`` (e.g. data position) as ``iter_<N>`` under save_dir.
+
+        Written to ``iter_<N>.tmp`` and renamed when complete; the ``latest`` pointer is replaced atomically, so a
+        run killed mid-save resumes from the previous checkpoint.
+        """
+        from megatron.core import dist_checkpointing
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        save_dir = Path(save_dir)
+        final = save_dir / f"iter_{self.iteration:07d}"
+        tmp = save_dir / f"iter_{self.iteration:07d}.tmp"
+        if self.ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "model").mkdir(parents=True)
+            (tmp / "optim").mkdir()
+            (tmp / "rng").mkdir()
+        dist.barrier()
+        model_sd = self.module.sharded_state_dict()
+        dist_checkpointing.save(model_sd, str(tmp / "model"))
+        optim_sd = self.optimizer.sharded_state_dict(self.module.sharded_state_dict(),
+                                                     metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        dist_checkpointing.save(optim_sd, str(tmp / "optim"))
+        torch.save({"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states(),
+                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+                   tmp / "rng" / f"rank_{self.ctx.rank}.pt")
+        dist.barrier()
+        if self.ctx.is_main:
+            (tmp / "state.json").write_text(json.dumps({"iteration": self.iteration, "state": state or {},
+                                                        "world_size": self.ctx.world_size}, indent=1))
+            (tmp / "hf_config.json").write_text(json.dumps(self.shape.to_hf(), indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            pointer = save_dir / (LATEST_FILE + ".tmp")
+            pointer.write_text(str(self.iteration))
+            os.replace(pointer, save_dir / LATEST_FILE)
+        dist.barrier()
+        return final
+
+    def load_checkpoint(self, load_dir: str | Path, load_optimizer: bool = True) -> dict:
+        """Load the newest checkpoint under ``load_dir`` (or ``load_dir`` itself if it is an ``iter_`` dir).
+
+        Works at any TP/PP/DP layout for the model; the optimizer is resharded too. Returns the saved ``state``.
+        RNG is restored only when the world size matches (otherwise streams would not line up anyway).
+        """
+        from megatron.core import dist_checkpointing
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        ckpt = resolve_checkpoint(load_dir)
+        meta = json.loads((ckpt / "state.json").read_text())
+        saved_shape = Qwen3Shape.from_file(ckpt / "hf_config.json")
+        if saved_shape != self.shape:
+            raise ValueError(f"checkpoint {ckpt} holds a model of shape {saved_shape}, but the actor was built as "
+                             f"{self.shape}")
+        model_sd = self.module.sharded_state_dict()
+        self.module.load_state_dict(dist_checkpointing.load(model_sd, str(ckpt / "model")))
+        if load_optimizer and (ckpt / "optim").is_dir():
+            self._init_optimizer_state()
+            optim_sd = self.optimizer.sharded_state_dict(
+                self.module.sharded_state_dict(), is_loading=True,
+                metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            _patch_torch_adam_reshardable_load()
+            self.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(ckpt / "optim")))
+            self._unshare_adam_step()
+        # DistributedOptimizer keeps fp32 main params; make the model params agree with them.
+        self.iteration = meta["iteration"]
+        rng_file = ckpt / "rng" / f"rank_{self.ctx.rank}.pt"
+        if meta.get("world_size") == self.ctx.world_size and rng_file.is_file():
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["cpu"])
+            get_cuda_rng_tracker().set_states(rng["tracker"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        return meta["state"]
+
+    def load_model_weights(self, load_dir: str | Path) -> None:
+        """Load only the model weights (e.g. the cold-start checkpoint at the start of RL); fresh optimizer."""
+        self.load_checkpoint(load_dir, load_optimizer=False)
+        self.iteration = 0
+        self._reload_main_params()
+
+    def _inner_optimizers(self):
+        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+
+    def _init_optimizer_state(self) -> None:
+        # Torch Adam (no TE/apex) creates its state lazily; building the sharded state dict to load into needs it,
+        # "step" included (STACK_NOTES). The saved step itself comes back through the param groups.
+        for opt in self._inner_optimizers():
+            inner = opt.optimizer
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    state = inner.state[p]
+                    if "exp_avg" not in state:
+                        state["exp_avg"] = torch.zeros_like(p.data)
+                        state["exp_avg_sq"] = torch.zeros_like(p.data)
+                    state.setdefault("step", torch.tensor(0.0))
+
+    def _unshare_adam_step(self) -> None:
+        # Megatron restores torch Adam's "step" as ONE tensor object shared by every param; torch Adam increments
+        # it in place per param, so it would advance by the number of params each step. Give each its own copy.
+        for opt in self._inner_optimizers():
+            for state in opt.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].detach().clone()
+
+    def _reload_main_params(self) -> None:
+        """After loading weights into the model params, refresh the optimizer's fp32 main copies from them."""
+        for opt in self._inner_optimizers():
+            if hasattr(opt, "reload_model_params"):
+                opt.reload_model_params()
+
+
+_PATCHED = False
+
+
+def _patch_torch_adam_reshardable_load() -> None:
+    """Megatron-Core 0.19 bug with torch Adam (no TE/apex): loading a ``fully_reshardable`` DistributedOptimizer
+    checkpoint copies every tensor in the live Adam state from the loaded tensors, but the loaded tensors never hold
+    torch Adam's per-param ``step`` (Megatron restores it from the param groups) -> ``KeyError: 'step'``.
+    Copy only the states that were loaded."""
+    global _PATCHED
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if _PATCHED:
+        return
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_loaded_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        dst = {"param": main_param, **{k: v for k, v in self.optimizer.state[main_param].items()
+                                       if isinstance(v, torch.Tensor) and k != "step"}}
+        for key, target in dst.items():
+            if isinstance(tensors.get(key), torch.Tensor):
+                target.copy_(tensors[key])
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_loaded_states
+    _PATCHED = True
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a checkpoint dir, else the one its ``latest`` pointer names."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    pointer = path / LATEST_FILE
+    if not pointer.is_file():
+        raise FileNotFoundError(f"no checkpoint in {path} (neither state.json nor {LATEST_FILE})")
+    ckpt = path / f"iter_{int(pointer.read_text().strip()):07d}"
+    if not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {ckpt}, which is missing or incomplete")
+    return ckpt
+
+
+def has_checkpoint(path: str | Path) -> bool:
+    try:
+        resolve_checkpoint(path)
+        return True
+    except FileNotFoundError:
+        return False
