@@ -53,8 +53,8 @@ class _FusedLinearLogprobFn(torch.autograd.Function):
             stats[:, lo:hi] = tile if v0 == 0 else merge_stats(stats[:, lo:hi], tile)
             del logits
         stats = _allreduce_stats(stats, tp_group)
-        logprobs, entropy, lse = finish_stats(stats, targets, active)
-        ctx.save_for_backward(hidden, weight, targets, active, lse, entropy)
+        logprobs, entropy, row_max, log_s = finish_stats(stats, targets, active)
+        ctx.save_for_backward(hidden, weight, targets, active, row_max, log_s, entropy)
         ctx.cfg = (temperature, with_entropy, vocab_start, tp_group, backend, token_chunk, vocab_chunk)
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -62,11 +62,11 @@ class _FusedLinearLogprobFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):  # type: ignore[override]
-        hidden, weight, targets, active, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, active, row_max, log_s, entropy = ctx.saved_tensors
         temperature, with_entropy, vocab_start, tp_group, backend, token_chunk, vocab_chunk = ctx.cfg
         if g_lp is None and (g_ent is None or not with_entropy):
             return (None,) * 11
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_lp = torch.zeros_like(log_s) if g_lp is None else g_lp.float().contiguous()
         g_ent = g_ent.float().contiguous() if (with_entropy and g_ent is not None) else None
         n, v = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -76,7 +76,7 @@ class _FusedLinearLogprobFn(torch.autograd.Function):
             logits = hidden[lo:hi] @ weight[v0:v1].T  # recompute the tile
             act = None if active is None else active[lo:hi]
             _local_grad(
-                logits, logits, targets[lo:hi], act, vocab_start + v0, temperature, lse[lo:hi],
+                logits, logits, targets[lo:hi], act, vocab_start + v0, temperature, row_max[lo:hi], log_s[lo:hi],
                 entropy[lo:hi] if g_ent is not None else None, g_lp[lo:hi],
                 g_ent[lo:hi] if g_ent is not None else None, backend, logits.shape[0],
             )  # logits now hold d(loss)/d(logits) of the tile

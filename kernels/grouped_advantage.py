@@ -124,11 +124,11 @@ if _HAVE_TRITON:
             g = tl.load(gidx_ptr + i, mask=im, other=0)
             mu = tl.load(mean_p + g, mask=im, other=0.0, cache_modifier=".cg")
             a = r - mu
+            deg = tl.load(deg_p + g, mask=im, other=1.0, cache_modifier=".cg") != 0.0
             if NORMALIZE:
                 sd = tl.load(std_p + g, mask=im, other=1.0, cache_modifier=".cg")
-                a = a / (sd + eps)
-            deg = tl.load(deg_p + g, mask=im, other=1.0, cache_modifier=".cg")
-            tl.store(adv_ptr + i, tl.where(deg != 0.0, 0.0, a), mask=im)
+                a = a / tl.where(deg, 1.0, sd + eps)  # degenerate groups may have std + eps == 0
+            tl.store(adv_ptr + i, tl.where(deg, 0.0, a), mask=im)
 
     def _token_kernel(
         adv_ptr, index_ptr, cu_ptr, mask_ptr, out_ptr, n_tokens, n_samples,
@@ -214,7 +214,7 @@ def _torch_group_stats(
     lo = torch.full((n_groups,), float("inf"), device=rewards.device).scatter_reduce_(0, gidx, rewards, "amin")
     hi = torch.full((n_groups,), float("-inf"), device=rewards.device).scatter_reduce_(0, gidx, rewards, "amax")
     degenerate = (cnt < 2) | (lo == hi)
-    adv = dev / (std[gidx] + eps) if normalize_std else dev
+    adv = dev / torch.where(degenerate, 1.0, std + eps)[gidx] if normalize_std else dev
     adv = torch.where(degenerate[gidx], torch.zeros_like(adv), adv)
     return adv, cnt, mean, std, degenerate
 

@@ -3,7 +3,7 @@
 Public API (inputs may carry leading dims ``[...]``; they are flattened to ``N`` rows and the outputs reshaped back):
 
     masked_logprobs(logits [..., V], targets [...], mask [...] | None, *, temperature=1.0, return_entropy=False,
-                    chunk_size=4096, backend="auto", inplace_backward=False)
+                    chunk_size=None, backend="auto", inplace_backward=False)
         -> logprobs [...] fp32, or (logprobs, entropy) when return_entropy
 
     masked_logprobs_vocab_parallel(logits_shard [..., V/tp], targets, mask, tp_group, vocab_start=None, *, ...)
@@ -15,8 +15,8 @@ fine there). Forward and backward are one ``torch.autograd.Function``:
 
 * forward: one pass over each row keeps an online max ``m``, ``s = sum exp(z - m)`` and, for the entropy,
   ``t = sum exp(z - m) (z - m)`` in fp32 (``z = logit / T``), reading bf16/fp16/fp32 logits as they are.
-  Then ``lse = m + log s``, ``logprob = z_target - lse``, ``entropy = log s - t / s`` (>= 0 by construction).
-* backward: one pass recomputes ``p`` from the saved ``lse`` and writes, in the logits' dtype,
+  Then ``logprob = (z_target - m) - log s``, ``entropy = log s - t / s`` (>= 0 by construction).
+* backward: one pass recomputes ``p`` from the saved ``m`` and ``log s`` and writes, in the logits' dtype,
   ``dL/dlogit_v = [g_lp (1[v = target] - p_v) - g_H p_v (log p_v + H)] / T``.
   With ``inplace_backward=True`` the gradient overwrites the logits buffer (as Megatron's cross-entropy does), so
   the backward allocates nothing of size ``[N, V]``; the tensor's autograd version is bumped so any other user of the
@@ -49,6 +49,7 @@ try:  # triton is optional: the torch backend covers CPU-only installs
 except ImportError:  # pragma: no cover - exercised only on installs without triton
     _HAVE_TRITON = False
 
+_TORCH_CHUNK_ELEMS = 2**24  # default torch-backend chunk: fp32 temporaries of at most 64 MiB each
 _STATS_ROWS = 5  # rows of the per-token statistics tensor: m, s, t, z_target, owned
 
 if _HAVE_TRITON:
@@ -98,7 +99,7 @@ if _HAVE_TRITON:
 
     def _grad_kernel(
         logits_ptr, stride_row, grad_ptr, grad_stride_row, targets_ptr, active_ptr,
-        lse_ptr, ent_ptr, glp_ptr, gent_ptr,
+        max_ptr, logs_ptr, ent_ptr, glp_ptr, gent_ptr,
         n_cols, vocab_start, inv_temp,
         HAS_MASK: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
     ):
@@ -110,7 +111,8 @@ if _HAVE_TRITON:
         is_act = act != 0
         row_ptr = logits_ptr + row * stride_row
         grad_row = grad_ptr + row * grad_stride_row
-        lse = tl.load(lse_ptr + row)
+        m = tl.load(max_ptr + row)
+        log_s = tl.load(logs_ptr + row)
         glp = tl.load(glp_ptr + row) * inv_temp
         tgt = tl.load(targets_ptr + row) - vocab_start
         if WITH_ENTROPY:
@@ -121,7 +123,7 @@ if _HAVE_TRITON:
             cols = start + offs
             in_b = cols < n_cols
             x = tl.load(row_ptr + cols, mask=in_b & is_act, other=float("-inf")).to(tl.float32)
-            logp = x * inv_temp - lse
+            logp = (x * inv_temp - m) - log_s  # not z - lse: z - m is exact even at |z| ~ 1e4
             p = tl.exp(logp)
             g = tl.where(cols == tgt, glp, 0.0) - glp * p
             if WITH_ENTROPY:
@@ -208,7 +210,8 @@ def _local_grad(
     active: torch.Tensor | None,
     vocab_start: int,
     temperature: float,
-    lse: torch.Tensor,  # [N] fp32
+    row_max: torch.Tensor,  # [N] fp32 max of z over the whole vocabulary
+    log_s: torch.Tensor,  # [N] fp32 log sum exp(z - max)
     ent: torch.Tensor | None,  # [N] fp32 when the entropy has a gradient
     g_lp: torch.Tensor,  # [N] fp32
     g_ent: torch.Tensor | None,  # [N] fp32
@@ -225,7 +228,7 @@ def _local_grad(
         dummy = targets if active is None else active
         grad_k[(n,)](
             logits, logits.stride(0), grad_out, grad_out.stride(0), targets, dummy,
-            lse, ent if with_entropy else lse, g_lp, g_ent if with_entropy else g_lp,
+            row_max, log_s, ent if with_entropy else log_s, g_lp, g_ent if with_entropy else g_lp,
             v, vocab_start, 1.0 / temperature,
             HAS_MASK=active is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
         )
@@ -234,7 +237,7 @@ def _local_grad(
     cols = torch.arange(v, device=logits.device)
     for lo in range(0, n, chunk_size):
         hi = min(lo + chunk_size, n)
-        logp = logits[lo:hi].float() / temperature - lse[lo:hi, None]  # [C, Vl]
+        logp = (logits[lo:hi].float() / temperature - row_max[lo:hi, None]) - log_s[lo:hi, None]  # [C, Vl]
         p = logp.exp()
         glp = g_lp[lo:hi, None] * inv_t
         onehot = cols[None, :] == (targets[lo:hi, None] - vocab_start)
@@ -293,7 +296,8 @@ def _allreduce_stats(stats: torch.Tensor, group: dist.ProcessGroup | None) -> to
 def finish_stats(
     stats: torch.Tensor, targets: torch.Tensor, active: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logprobs, entropy, lse), each ``[N]`` fp32, from whole-vocabulary statistics; checks target ownership."""
+    """(logprobs, entropy, max, log_s), each ``[N]`` fp32, from whole-vocabulary statistics (lse = max + log_s);
+    checks that every unmasked target is owned by exactly one vocab piece."""
     m, s, t, z_t, owned = stats
     act = torch.ones_like(owned, dtype=torch.bool) if active is None else active != 0
     bad = act & (owned == 0)
@@ -304,12 +308,12 @@ def finish_stats(
             "and that row is not masked out"
         )
     log_s = torch.log(s)
-    lse = m + log_s
-    zero = torch.zeros_like(lse)
-    # clamps: both are exact inequalities in real arithmetic; they only remove last-bit rounding
-    logprobs = torch.where(act, torch.clamp(z_t - lse, max=0.0), zero)
+    zero = torch.zeros_like(log_s)
+    # (z_t - m) - log s rather than z_t - (m + log s): z_t - m is exact, so |logits| ~ 1e4 loses nothing.
+    # The clamps are exact inequalities in real arithmetic; they only remove last-bit rounding.
+    logprobs = torch.where(act, torch.clamp((z_t - m) - log_s, max=0.0), zero)
     entropy = torch.where(act, torch.clamp(log_s - t / s, min=0.0), zero)
-    return logprobs, entropy, lse
+    return logprobs, entropy, m, log_s
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -324,8 +328,8 @@ class _MaskedLogprobFn(torch.autograd.Function):
     ):
         stats = _local_stats(logits, targets, active, vocab_start, temperature, with_entropy, backend, chunk_size)
         stats = _allreduce_stats(stats, tp_group)
-        logprobs, entropy, lse = finish_stats(stats, targets, active)
-        ctx.save_for_backward(logits, targets, active, lse, entropy)
+        logprobs, entropy, row_max, log_s = finish_stats(stats, targets, active)
+        ctx.save_for_backward(logits, targets, active, row_max, log_s, entropy)
         ctx.cfg = (temperature, vocab_start, backend, chunk_size, inplace_backward, with_entropy)
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
@@ -333,15 +337,16 @@ class _MaskedLogprobFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):  # type: ignore[override]
-        logits, targets, active, lse, entropy = ctx.saved_tensors
+        logits, targets, active, row_max, log_s, entropy = ctx.saved_tensors
         temperature, vocab_start, backend, chunk_size, inplace_backward, with_entropy = ctx.cfg
         if g_lp is None and (g_ent is None or not with_entropy):
             return (None,) * 10
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_lp = torch.zeros_like(log_s) if g_lp is None else g_lp.float().contiguous()
         g_ent = g_ent.float().contiguous() if (with_entropy and g_ent is not None) else None
         grad = logits if inplace_backward else torch.empty_like(logits)
         _local_grad(
-            logits, grad, targets, active, vocab_start, temperature, lse, entropy, g_lp, g_ent, backend, chunk_size
+            logits, grad, targets, active, vocab_start, temperature, row_max, log_s, entropy, g_lp, g_ent, backend,
+            chunk_size,
         )
         if inplace_backward:
             # the kernel wrote through a raw pointer: tell autograd the logits changed
@@ -362,8 +367,8 @@ def _prepare(
         raise ValueError(f"targets must be an integer tensor; got {targets.dtype}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number; got {temperature}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None; got {chunk_size}")
     logits2d = logits.reshape(-1, logits.shape[-1])
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
@@ -377,6 +382,8 @@ def _run(
 ):
     backend = resolve_backend(backend, logits.device)
     logits2d, targets1d, active = _prepare(logits, targets, mask, temperature, chunk_size)
+    if chunk_size is None:  # bound each fp32 temporary of the torch backend to 2**24 elements
+        chunk_size = max(1, _TORCH_CHUNK_ELEMS // max(1, logits2d.shape[-1]))
     logprobs, entropy = _MaskedLogprobFn.apply(
         logits2d, targets1d, active, float(temperature), bool(return_entropy), int(vocab_start), tp_group, backend,
         int(chunk_size), bool(inplace_backward),
@@ -394,7 +401,7 @@ def masked_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     backend: str = "auto",
     inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -406,7 +413,8 @@ def masked_logprobs(
         mask: ``[...]`` (bool/int/float) or None; rows where it is 0 give 0 and receive zero gradient.
         temperature: divides the logits before the softmax (the sampling temperature of the rollout).
         return_entropy: also return the entropy (differentiable).
-        chunk_size: rows per chunk for the torch backend.
+        chunk_size: rows per chunk for the torch backend; None = as many rows as keep one fp32 chunk
+            within 2**24 elements (64 MiB), e.g. 110 rows at V = 151,936.
         backend: "auto" | "triton" | "torch" (see ``tapo_kernels.select``).
         inplace_backward: write d(loss)/d(logits) into the logits buffer (saves one ``[N, V]`` tensor).
     Returns:
@@ -424,7 +432,7 @@ def masked_logprobs_vocab_parallel(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     backend: str = "auto",
     inplace_backward: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

@@ -59,17 +59,22 @@ def reference_grouped_advantage(
     gives 0 to all its members (no learning signal; avoids dividing rounding noise by eps).
     """
     rewards = rewards.float()
-    out = torch.zeros_like(rewards)
-    for g in torch.unique(group_ids).tolist():
-        idx = (group_ids == g).nonzero().squeeze(-1)
-        r = rewards[idx]
-        if r.numel() < 2 or bool((r.max() == r.min()).item()):
+    if rewards.numel() == 0:
+        return rewards.clone()
+    # sort once so each group is a contiguous segment, then one Python iteration per group
+    order = torch.argsort(group_ids, stable=True)
+    _, counts = torch.unique_consecutive(group_ids[order], return_counts=True)
+    pieces = []
+    for r in torch.split(rewards[order], counts.tolist()):
+        if r.numel() < 2:
+            pieces.append(torch.zeros_like(r))
             continue
-        mean = r.mean()
-        adv = r - mean
+        adv = r - r.mean()
         if normalize_std:
             adv = adv / (r.std(unbiased=False) + eps)
-        out[idx] = adv
+        pieces.append(torch.where(r.max() == r.min(), 0.0, adv))  # all-equal group: 0 (a tensor test, no sync)
+    out = torch.empty_like(rewards)
+    out[order] = torch.cat(pieces)
     return out
 
 

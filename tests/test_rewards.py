@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
 
 import pytest
@@ -14,8 +15,10 @@ import pytest
 from tapo_megatron.paths import shared_data_dir
 from tapo_megatron.rewards import (
     MathVerifier,
+    VerificationPool,
     available_rewards,
     close_default_verifier,
+    default_verifier,
     exact_answer_reward,
     extract_boxed,
     find_boxed,
@@ -23,6 +26,7 @@ from tapo_megatron.rewards import (
     math_reward,
     register_reward,
     registry,
+    score_batch,
     verify_math_answer,
 )
 
@@ -44,6 +48,11 @@ def flaky_verify(response: str, gold: str) -> float:
     if response == "NAN":
         return float("nan")
     return verify_math_answer(response, gold)
+
+
+def broken_initializer() -> None:
+    """A worker setup that fails (as a missing import would)."""
+    os._exit(2)
 
 
 def scaled_reward(response: str, gold: str) -> float:
@@ -138,6 +147,7 @@ def test_radicals_and_expressions(verifier, response, gold, expected):
         (boxed(r"\frac{-1-\sqrt{17}}{2}, \frac{-1+\sqrt{17}}{2}"), 1.0),  # order does not matter
         (boxed(r"\left\{\frac{-1-\sqrt{17}}{2}, \frac{-1+\sqrt{17}}{2}\right\}"), 1.0),  # written as a set
         (boxed(r"\frac{-1\pm\sqrt{17}}{2}"), 1.0),  # \pm denotes both values
+        (boxed(r"\frac{-1\mp\sqrt{17}}{2}"), 1.0),
         (r"so $a+b+c = \boxed{\frac{-1+\sqrt{17}}{2}}$ or $\boxed{\frac{-1-\sqrt{17}}{2}}$", 1.0),  # one per box
         (boxed(r"\frac{-1+\sqrt{17}}{2}"), 0.0),  # only one of the two values
         (boxed(r"\frac{-1+\sqrt{17}}{2}, \frac{-1+\sqrt{17}}{2}"), 0.0),  # one value twice
@@ -210,11 +220,23 @@ def test_math_reward_entry_point():
     assert math_reward(b"\x00\xff", "1/2") == 0.0
 
 
+def test_math_reward_works_outside_the_main_thread():
+    # math_verify's own signal.alarm timeout raises ValueError in threads; the pool deadline does not.
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(math_reward(boxed("0.25"), r"\frac{1}{4}")))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == [1.0, 1.0, 1.0]
+
+
 # -- deadline pool: hangs, crashes, errors ------------------------------------------------------------------------
 
 
 def test_hanging_item_is_killed_and_pool_recovers():
-    timeout_s = 1.0
+    timeout_s = 3.0  # well above a normal verification (~2 ms) even on a heavily loaded 2-core machine
     with MathVerifier(num_workers=2, timeout_s=timeout_s, worker_fn=flaky_verify) as pool:
         responses = ["HANG", boxed("2"), boxed("3"), boxed("4"), boxed("5")]
         start = time.perf_counter()
@@ -222,13 +244,13 @@ def test_hanging_item_is_killed_and_pool_recovers():
         elapsed = time.perf_counter() - start
         # The hung item scores 0.0; the other worker finished the rest meanwhile.
         assert scores == [0.0, 1.0, 1.0, 1.0, 0.0]
-        assert timeout_s <= elapsed < timeout_s + 8.0  # waited for the deadline, not for the 600 s sleep
+        assert timeout_s <= elapsed < timeout_s + 15.0  # waited for the deadline, not for the 600 s sleep
         assert pool.stats.num_timeouts == 1 and pool.stats.num_restarts == 1
         # The replacement worker serves both slots afterwards, single calls included.
         assert pool.score_batch([boxed("7"), boxed("8")], ["7", "8"]) == [1.0, 1.0]
         start = time.perf_counter()
         assert pool.score("HANG", "1") == 0.0
-        assert time.perf_counter() - start < timeout_s + 8.0
+        assert time.perf_counter() - start < timeout_s + 15.0
         assert pool.score(boxed(r"\frac{1}{2}"), "0.5") == 1.0
         assert pool.stats.num_timeouts == 2
 
@@ -240,6 +262,12 @@ def test_crashing_and_raising_workers_score_zero():
         assert pool.stats.num_crashes == 1 and pool.stats.num_errors == 2 and pool.stats.num_timeouts == 0
 
 
+def test_worker_that_cannot_start_is_an_error_not_a_zero_reward():
+    with VerificationPool(verify_math_answer, num_workers=1, initializer=broken_initializer) as pool:
+        with pytest.raises(RuntimeError, match="exited during startup"):
+            pool.score(boxed("1"), "1")
+
+
 def test_pool_argument_errors():
     with pytest.raises(ValueError, match="num_workers"):
         MathVerifier(num_workers=0)
@@ -247,6 +275,8 @@ def test_pool_argument_errors():
         MathVerifier(num_workers=1, timeout_s=0)
     with pytest.raises(ValueError, match="start_method"):
         MathVerifier(num_workers=1, start_method="threads")
+    with pytest.raises(TypeError, match="picklable module-level"):
+        MathVerifier(num_workers=1, worker_fn=lambda response, gold: 1.0)
     pool = MathVerifier(num_workers=1)
     with pytest.raises(ValueError, match="responses has 2 items but golds has 1"):
         pool.score_batch(["a", "b"], ["1"])
@@ -380,3 +410,14 @@ def test_registry_import_path_plugins():
         get_reward("tapo_megatron.rewards.exact:_INTEGER")
     with pytest.raises(ValueError, match="must look like"):
         get_reward("tapo_megatron.rewards.exact:")
+
+
+def test_registry_score_batch_uses_the_pool_for_math():
+    math_fn = get_reward("math")
+    before = default_verifier().stats.num_items
+    responses = [boxed("1/3"), boxed("0.5"), "no answer", None]
+    assert score_batch(math_fn, responses, [r"\frac{1}{3}"] * 4) == [1.0, 0.0, 0.0, 0.0]
+    assert default_verifier().stats.num_items == before + 4  # one batched call, not four single ones
+    assert score_batch(get_reward("exact"), ["1+1=2;A2", "A3"], ["2", "2"]) == [1.0, 0.0]  # per-item path
+    with pytest.raises(ValueError, match="responses has 1 items but golds has 2"):
+        score_batch(math_fn, ["a"], ["1", "2"])

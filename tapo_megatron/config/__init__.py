@@ -27,6 +27,18 @@ class ModelConfig:
 
 
 @dataclass
+class DataConfig:
+    task: str = "arithmetic"  # "arithmetic" (embedded demo task) or "jsonl" (train_file / eval_files)
+    train_file: str = ""  # JSONL with id, problem, answer (DeepScaleR / MATH format)
+    eval_files: list = field(default_factory=list)  # JSONL eval sets (AIME24, AIME25, HMMT25)
+    reward: str = "exact"  # reward registry name ("exact", "math") or "pkg.module:function"
+    on_bad_row: str = "skip"  # skip | raise
+    num_train_problems: int = 20000  # arithmetic task: size of the training pool
+    num_eval_problems: int = 500  # arithmetic task: held-out problems per evaluation
+    eval_samples: int = 4  # n samples per problem at evaluation (plus one greedy)
+
+
+@dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -86,6 +98,18 @@ class TapoConfig:
     min_prefix_match: float = 0.9
     max_construction_tokens: int = 256
     construction_prompt: str = ""  # template file; empty: the packaged default
+    construction_temperature: float = 1.0  # policy constructor sampling (open in the paper)
+    construction_top_p: float = 1.0
+    max_construction_chars: int = 65536  # longer constructor answers fail as "too_long"
+    max_spliced_tokens: int = 512  # response-token cap of a spliced trajectory (eos included); longer: "too_long"
+
+
+@dataclass
+class SftConfig:
+    global_batch_size: int = 64
+    train_iters: int = 600
+    data_file: str = ""  # JSONL of {"prompt": ..., "response": ...} (cold-start set); empty: the arithmetic task
+    reflective_fraction: float = 0.0  # arithmetic task: share of examples with a corrected slip
 
 
 @dataclass
@@ -93,13 +117,14 @@ class CheckpointConfig:
     save: str = ""  # directory; empty: no checkpoints
     load: str = ""  # directory to resume from; empty: fresh start (or `save` if it holds a checkpoint)
     save_interval: int = 0  # steps; 0: only at the end
+    pretrained_checkpoint: str = ""  # weights-only start (e.g. the cold-start SFT checkpoint); fresh optimizer
 
 
 @dataclass
 class LoggingConfig:
     output_dir: str = "runs/default"
     wandb_project: str = "tapo-megatron"
-    wandb_mode: str = "offline"  # offline | online | disabled (online needs WANDB_API_KEY)
+    wandb_mode: str = "auto"  # auto (online if WANDB_API_KEY is set, else offline) | offline | online | disabled
     run_name: str = ""
     progress_bar: bool = True
 
@@ -110,17 +135,23 @@ class TrainConfig:
     train_iters: int = 100
     eval_interval: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     tapo: TapoConfig = field(default_factory=TapoConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> "TrainConfig":
         if self.rollout.n_samples_per_prompt < 2:
             raise ConfigError("rollout.n_samples_per_prompt must be >= 2 (group-normalised advantages need a group)")
+        if self.data.task not in ("arithmetic", "jsonl"):
+            raise ConfigError(f"data.task={self.data.task!r}: expected 'arithmetic' or 'jsonl'")
+        if self.data.task == "jsonl" and not self.data.train_file:
+            raise ConfigError("data.train_file is required when data.task is 'jsonl'")
         if self.rollout.engine not in ("native", "sglang"):
             raise ConfigError(f"rollout.engine={self.rollout.engine!r}: expected 'native' or 'sglang'")
         if self.model.params_dtype not in ("float32", "bfloat16"):
@@ -131,8 +162,8 @@ class TrainConfig:
             raise ConfigError(
                 f"tapo.n_pos + tapo.n_neg = {self.tapo.n_pos + self.tapo.n_neg} exceeds "
                 f"rollout.n_samples_per_prompt = {self.rollout.n_samples_per_prompt}: no query can be a candidate")
-        if self.logging.wandb_mode not in ("offline", "online", "disabled"):
-            raise ConfigError(f"logging.wandb_mode={self.logging.wandb_mode!r}: expected offline, online or disabled")
+        if self.logging.wandb_mode not in ("auto", "offline", "online", "disabled"):
+            raise ConfigError(f"logging.wandb_mode={self.logging.wandb_mode!r}: expected auto, offline, online or disabled")
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"):
             if getattr(self.parallel, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
@@ -154,6 +185,12 @@ def _coerce(value, typ, where: str):
             return typ(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
+    if typ is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return value
     if typ is dict or origin is dict:
         if isinstance(value, str):
             value = yaml.safe_load(value)

@@ -27,12 +27,17 @@ Usage from Python::
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, LoadPlan
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from tapo_megatron.convert.hf_io import (
     ConversionError,
@@ -52,6 +57,7 @@ from tapo_megatron.convert.qwen3 import (
     stage_items,
 )
 from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3, check_parallel
+from tapo_megatron.parallel import check_layout
 
 MODEL_SUBDIR = "model"
 HF_CONFIG_FILE = "hf_config.json"
@@ -115,8 +121,9 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
     reader = HFCheckpointReader(hf_dir)
     shape = Qwen3Shape.from_hf(reader.config)
     check_hf_tensors(shape, {k: v.shape for k, v in reader.info.items()}, source=f"HF checkpoint {hf_dir}")
-    world = dist.get_world_size() if dist.is_initialized() else int(__import__("os").environ.get("WORLD_SIZE", 1))
-    check_parallel(shape, tp, pp, world)
+    check_parallel(shape, tp, pp)  # names the field tp/pp does not divide (heads, KV groups, layers, vocab)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    check_layout(world, tp, pp)  # before any process group exists: e.g. tp=2 asked of a single process
     ctx = init_parallel(tp, pp, seed=seed)
     dtype = dtype or reader.dtype
     model = build_qwen3(shape, ctx, dtype)
@@ -126,12 +133,14 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
     reader.close()
 
     tmp = _start_atomic(out, overwrite)
-    (tmp / MODEL_SUBDIR).mkdir(exist_ok=True) if _rank() == 0 else None
+    if _rank() == 0:
+        (tmp / MODEL_SUBDIR).mkdir()
     _barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_SUBDIR))
     if _rank() == 0:
+        # The original config (bos/eos ids etc. kept), with the fields HF may leave implicit written out.
         config = dict(reader.config)
-        config.update(shape.to_hf() | {k: v for k, v in reader.config.items() if k not in shape.to_hf()})
+        config.setdefault("head_dim", shape.head_dim)
         config["tie_word_embeddings"] = shape.tie_word_embeddings
         (tmp / HF_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         copy_hf_assets(hf_dir, tmp / ASSETS_SUBDIR)
@@ -164,49 +173,72 @@ def read_ckpt_shape(ckpt: str | Path) -> Qwen3Shape:
 
 
 def _check_ckpt_metadata(shape: Qwen3Shape, metadata: dict, model_dir: Path) -> torch.dtype:
-    """Refuse a checkpoint whose stored tensors do not match ``hf_config.json``; returns the weight dtype."""
+    """Refuse a checkpoint whose stored tensors do not match ``hf_config.json``; returns the weight dtype.
+
+    ``metadata``: DCP ``state_dict_metadata`` (key -> TensorStorageMetadata with global ``size``).
+    """
     h, d, i_, v, L = (shape.hidden_size, shape.head_dim, shape.intermediate_size, shape.vocab_size,
                       shape.num_hidden_layers)
-    qkv_rows = (shape.num_attention_heads + 2 * shape.num_key_value_heads) * d
-    layer_shapes = {
-        LAYER_SLOTS[0].ckpt_key: (h,), LAYER_SLOTS[1].ckpt_key: (qkv_rows, h), LAYER_SLOTS[2].ckpt_key: (d,),
-        LAYER_SLOTS[3].ckpt_key: (d,), LAYER_SLOTS[4].ckpt_key: (h, shape.num_attention_heads * d),
-        LAYER_SLOTS[5].ckpt_key: (h,), LAYER_SLOTS[6].ckpt_key: (2 * i_, h), LAYER_SLOTS[7].ckpt_key: (h, i_),
-    }
+    nq, ng = shape.num_attention_heads, shape.num_key_value_heads
+    per_layer = dict(zip([s.ckpt_key for s in LAYER_SLOTS], [
+        (h,), ((nq + 2 * ng) * d, h), (d,), (d,), (h, nq * d), (h,), (2 * i_, h), (h, i_)]))
     expected = {EMBEDDING.ckpt_key: (v, h), FINAL_NORM.ckpt_key: (h,)}
-    expected.update({k: (L, *s) for k, s in layer_shapes.items()})
+    expected.update({k: (L, *s) for k, s in per_layer.items()})
     if not shape.tie_word_embeddings:
         expected[OUTPUT.ckpt_key] = (v, h)
+    tensors = {k: m for k, m in metadata.items() if hasattr(m, "chunks")}  # skip _extra_state / common bytes
     for key, want in expected.items():
-        if key not in metadata:
+        if key not in tensors:
             raise ConversionError(f"Megatron checkpoint {model_dir} has no tensor {key} (hf_config.json: "
                                   f"tie_word_embeddings={shape.tie_word_embeddings})")
-        got = tuple(metadata[key].global_shape)
+        got = tuple(tensors[key].size)
         if got != want:
             raise ConversionError(f"Megatron checkpoint tensor {key} has global shape {got}, hf_config.json implies "
                                   f"{want}")
-    extra = sorted(k for k in metadata if k not in expected and not k.endswith("_extra_state"))
+    extra = sorted(k for k in tensors if k not in expected)
     if extra:
         raise ConversionError(f"Megatron checkpoint {model_dir} has tensor(s) the Qwen3 mapping does not know: "
                               f"{', '.join(extra[:8])}")
-    return metadata[EMBEDDING.ckpt_key].dtype
+    return tensors[EMBEDDING.ckpt_key].properties.dtype
 
 
-def _load_slices(requests: dict[str, tuple[tuple[int, ...], torch.dtype, int | None, int]], model_dir: Path,
-                 group) -> dict[str, torch.Tensor]:
-    """Load ``{key: (shape, dtype, layer index or None, num_layers)}`` slices from a distributed checkpoint."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
+class _RowSliceLoadPlanner(DefaultLoadPlanner):
+    """A torch DCP load planner that reads, per key, either the whole stored tensor or one row of its leading
+    (stacked-layers) axis, so a layer can be read without touching the other layers' bytes.
 
-    sharded = {}
-    for key, (shape, dtype, layer, num_layers) in requests.items():
-        buf = torch.empty(shape, dtype=dtype)
-        if layer is None:
-            sharded[key] = ShardedTensor.from_rank_offsets(key, buf, replica_id=0)
-        else:  # layer params are stored stacked as [num_layers, *shape]; read only row `layer`
-            sharded[key] = ShardedTensor.from_rank_offsets(key, buf, (0, layer, num_layers), replica_id=0,
-                                                           prepend_axis_num=1)
-    return dist_checkpointing.load(sharded, str(model_dir), process_group=group)
+    Megatron's own ``dist_checkpointing.load`` cannot express "one layer of the stack" on a single rank, and it
+    would need a model; plain DCP with this planner needs neither (nor an initialised process group).
+    ``rows``: key -> layer row, or None for the whole tensor; state-dict buffers have shape ``[1, *rest]`` for a
+    row, the global shape otherwise.
+    """
+
+    def __init__(self, rows: dict[str, int | None]):
+        super().__init__(flatten_state_dict=False, flatten_sharded_tensors=False)
+        self.rows = rows
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, buf in self.state_dict.items():
+            row = self.rows[key]
+            offsets = [0] * buf.ndim if row is None else [row] + [0] * (buf.ndim - 1)
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=buf.shape)
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+        return LoadPlan(items)
+
+    def lookup_tensor(self, index):
+        return self.state_dict[index.fqn]  # the buffer is the local chunk, whatever its global offset
+
+
+def _read_slices(model_dir: Path, metadata: dict, rows: dict[str, int | None]) -> dict[str, torch.Tensor]:
+    """Read ``{key: layer row or None}`` from a Megatron (torch_dist) checkpoint; a row drops the layer axis."""
+    bufs = {}
+    for key, row in rows.items():
+        md = metadata[key]
+        size = tuple(md.size) if row is None else (1, *md.size[1:])
+        bufs[key] = torch.empty(size, dtype=md.properties.dtype)
+    dcp.load(bufs, storage_reader=dcp.FileSystemReader(str(model_dir)), planner=_RowSliceLoadPlanner(rows),
+             no_dist=True)
+    return {k: (b if rows[k] is None else b[0]) for k, b in bufs.items()}
 
 
 def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2**30,
@@ -217,51 +249,37 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
     ``max_shard_bytes``) and the tokenizer / generation config from ``<ckpt>/hf_assets`` or, if given,
     ``tokenizer_dir``. Streams: one layer in memory plus the shard being filled. Returns ``out``.
     """
-    from megatron.core import dist_checkpointing
-
-    from tapo_megatron.parallel import init_parallel
-
     ckpt, out = Path(ckpt), Path(out)
     t0 = time.perf_counter()
     shape = read_ckpt_shape(ckpt)
     model_dir = ckpt / MODEL_SUBDIR
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir} not found: not a Megatron checkpoint written by hf_to_mcore or the actor")
-    if not dist.is_initialized():
-        init_parallel(1, 1)
-    # Rank 0 works alone on a group of its own; other ranks only wait (dist_checkpointing.load is collective).
-    solo_groups = [dist.new_group([r]) for r in range(dist.get_world_size())] if dist.get_world_size() > 1 else None
-    group = solo_groups[0] if solo_groups else None
     tmp = _start_atomic(out, overwrite)
-    if _rank() == 0:
-        metadata = dist_checkpointing.load_tensors_metadata(str(model_dir))
+    if _rank() == 0:  # no collectives below: under torchrun the other ranks only wait
+        metadata = dcp.FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata
         dtype = _check_ckpt_metadata(shape, metadata, model_dir)
         writer = HFShardWriter(tmp, max_shard_bytes)
-        L, h = shape.num_hidden_layers, shape.hidden_size
-        globals_first = [EMBEDDING]
+        L = shape.num_hidden_layers
         globals_last = [FINAL_NORM] + ([] if shape.tie_word_embeddings else [OUTPUT])
-        bar = _progress(L + len(globals_first) + len(globals_last), "mcore->hf")
+        bar = _progress(L + 1 + len(globals_last), "mcore->hf")
 
         def emit(slot, full: torch.Tensor, hf_prefix: str) -> None:
             for name, tensor in zip(slot.hf, full_to_hf(slot, full, shape)):
                 writer.add(hf_prefix + name, tensor)
 
-        for slot in globals_first:  # one big tensor per load keeps the peak at one tensor, not all globals
-            key = slot.ckpt_key
-            emit(slot, _load_slices({key: (tuple(metadata[key].global_shape), dtype, None, L)}, model_dir,
-                                    group)[key], "")
+        # One read per global tensor and per layer: the peak is one layer (or the embedding), not the model.
+        for slot in [EMBEDDING]:
+            emit(slot, _read_slices(model_dir, metadata, {slot.ckpt_key: None})[slot.ckpt_key], "")
             bar.update(1)
         for layer in range(L):
-            req = {s.ckpt_key: (tuple(metadata[s.ckpt_key].global_shape[1:]), dtype, layer, L) for s in LAYER_SLOTS}
-            loaded = _load_slices(req, model_dir, group)
+            loaded = _read_slices(model_dir, metadata, {s.ckpt_key: layer for s in LAYER_SLOTS})
             for slot in LAYER_SLOTS:
                 emit(slot, loaded[slot.ckpt_key], hf_layer_prefix(layer))
             del loaded
             bar.update(1)
         for slot in globals_last:
-            key = slot.ckpt_key
-            emit(slot, _load_slices({key: (tuple(metadata[key].global_shape), dtype, None, L)}, model_dir,
-                                    group)[key], "")
+            emit(slot, _read_slices(model_dir, metadata, {slot.ckpt_key: None})[slot.ckpt_key], "")
             bar.update(1)
         bar.close()
         writer.close()
@@ -272,7 +290,6 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
         assets = Path(tokenizer_dir) if tokenizer_dir is not None else ckpt / ASSETS_SUBDIR
         if assets.is_dir():
             copy_hf_assets(assets, tmp)
-        del h
     _finish_atomic(tmp, out)
     if _rank() == 0:
         print(f"mcore_to_hf: {ckpt} -> {out} in {time.perf_counter() - t0:.1f} s")

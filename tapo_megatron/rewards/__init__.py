@@ -5,9 +5,16 @@
 - ``math_reward`` / ``MathVerifier``: real math data (AIME, HMMT, MATH) via math_verify, in a process pool with a
   hard per-item deadline; ``MathVerifier.score_batch`` scores a whole step's rollouts.
 - ``exact_answer_reward``: the demo task's ``A<integer>`` answer.
-- ``register_reward`` / ``get_reward``: the registry ("math", "exact", or a "pkg.module:function" plug-in).
+- ``register_reward`` / ``get_reward``: the registry ("math", "exact", or a "pkg.module:function" plug-in);
+  ``score_batch(reward_fn, responses, golds)`` scores a step's rollouts, batched through the pool for "math".
 """
-from tapo_megatron.rewards.registry import RewardFn, available_rewards, get_reward, register_reward  # noqa: I001
+from tapo_megatron.rewards.registry import (  # noqa: I001  (first: the verifiers register into it)
+    RewardFn,
+    available_rewards,
+    get_reward,
+    register_reward,
+    score_batch,
+)
 from tapo_megatron.rewards.boxed import extract_boxed, find_boxed
 from tapo_megatron.rewards.exact import exact_answer_reward
 from tapo_megatron.rewards.math_verifier import (
@@ -16,6 +23,7 @@ from tapo_megatron.rewards.math_verifier import (
     configure_default_verifier,
     default_verifier,
     math_reward,
+    math_reward_batch,
     verify_math_answer,
 )
 from tapo_megatron.rewards.pool import PoolStats, VerificationPool
@@ -34,6 +42,8 @@ __all__ = [
     "find_boxed",
     "get_reward",
     "math_reward",
+    "math_reward_batch",
     "register_reward",
+    "score_batch",
     "verify_math_answer",
 ]

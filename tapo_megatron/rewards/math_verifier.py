@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from functools import lru_cache
+from typing import Sequence
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from sympy import FiniteSet
@@ -43,6 +45,7 @@ logger = logging.getLogger(__name__)
 FALLBACK_TAIL_CHARS = 4000
 
 _EXTRACTION = (LatexExtractionConfig(), ExprExtractionConfig())
+_PLUS_MINUS = re.compile(r"\\(?:pm|mp)(?![A-Za-z])")  # \pm or \mp, but not \pmod
 
 
 def _as_math(latex: str) -> str:
@@ -61,7 +64,10 @@ def parse_gold(gold: str) -> list:
     A gold that contains a box (some datasets store ``\\boxed{...}``) is reduced to the box's content first.
     """
     boxes = find_boxed(gold)
-    return _parse(_as_math(boxes[-1] if boxes else gold))
+    parsed = _parse(_as_math(boxes[-1] if boxes else gold))
+    if not parsed:  # logged once per gold and worker, thanks to the cache
+        logger.warning("gold answer %.200r could not be parsed; every response to it scores 0.0", gold)
+    return parsed
 
 
 def _num_values(parsed_gold: list) -> int:
@@ -74,10 +80,11 @@ def _num_values(parsed_gold: list) -> int:
 def _expand_plus_minus(latex: str) -> str | None:
     """``\\frac{-1\\pm\\sqrt{17}}{2}`` -> ``\\frac{-1+\\sqrt{17}}{2}, \\frac{-1-\\sqrt{17}}{2}``; None unless exactly
     one ``\\pm`` / ``\\mp`` occurs (more than one is ambiguous)."""
-    if latex.count("\\pm") + latex.count("\\mp") != 1:
+    matches = _PLUS_MINUS.findall(latex)
+    if len(matches) != 1:
         return None
-    op, first, second = ("\\pm", "+", "-") if "\\pm" in latex else ("\\mp", "-", "+")
-    return f"{latex.replace(op, first)}, {latex.replace(op, second)}"
+    first, second = ("+", "-") if matches[0] == "\\pm" else ("-", "+")
+    return f"{_PLUS_MINUS.sub(first, latex)}, {_PLUS_MINUS.sub(second, latex)}"
 
 
 def verify_math_answer(response: str, gold: str) -> float:
@@ -88,7 +95,6 @@ def verify_math_answer(response: str, gold: str) -> float:
     """
     gold_parsed = parse_gold(gold)
     if not gold_parsed:
-        logger.warning("gold answer %.200r could not be parsed; every response to it scores 0.0", gold)
         return 0.0
     boxes = find_boxed(response)
     if not boxes:
@@ -189,3 +195,11 @@ def math_reward(response: str, gold: str) -> float:
     non-str, unbalanced braces, a hanging expression); raises RuntimeError only if no worker process can start.
     """
     return default_verifier().score(response, gold)
+
+
+def math_reward_batch(responses: Sequence[str], golds: Sequence[str]) -> list[float]:
+    """``[math_reward(r, g) for r, g in zip(responses, golds)]``, but all workers of the default pool in parallel."""
+    return default_verifier().score_batch(responses, golds)
+
+
+math_reward.score_batch = math_reward_batch  # the batched path that registry.score_batch uses

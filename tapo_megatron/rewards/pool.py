@@ -19,7 +19,9 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
+import pickle
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -47,20 +49,25 @@ class PoolStats:
 class _Worker:
     process: multiprocessing.process.BaseProcess
     conn: multiprocessing.connection.Connection
+    started_at: float  # time.monotonic() when the process was started
+    ready: bool = False  # the worker has imported everything and said so; only ready workers get items
     item: int | None = None  # index into the current batch, None when idle
     deadline: float = 0.0  # time.monotonic() after which the item is abandoned
 
 
-def _worker_main(
-    conn: multiprocessing.connection.Connection,
-    worker_fn: WorkerFn,
-    initializer: Callable[[], None] | None,
-) -> None:
-    """Worker loop: receive ``(item, response, gold)``, send back ``(item, score, ok)``; ``None`` stops it."""
+def _worker_main(conn: multiprocessing.connection.Connection, payload: bytes, parent_sys_path: list[str]) -> None:
+    """Worker loop: send ``None`` once ready, then receive ``(item, response, gold)`` and send back
+    ``(item, score, ok)``; a ``None`` message stops it."""
     # Ctrl-C goes to the whole process group; the parent decides when workers die.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # worker_fn travels pickled by reference; unpickle it with the parent's sys.path, since a forkserver started
+    # earlier by someone else may not have it (e.g. a plug-in or test module found through a path added later).
+    sys.path[:] = parent_sys_path + [p for p in sys.path if p not in parent_sys_path]
+    worker_fn, initializer = pickle.loads(payload)
     if initializer is not None:
         initializer()
+    # Imports (sympy, worker_fn's module) are done by now: the parent starts item deadlines only after this.
+    conn.send(None)
     while True:
         try:
             message = conn.recv()
@@ -105,6 +112,8 @@ class VerificationPool:
             ``"fork"``.
         initializer: optional module-level function each worker runs once before its first item.
         preload: modules the forkserver imports once, so that replacements start warm.
+        startup_timeout_s: how long a new worker may take to import its modules before the pool gives up
+            (RuntimeError). Item deadlines start only once a worker is ready, so a slow start is never a timeout.
 
     Thread-safe: calls are serialised by a lock. ``close()`` (or leaving the ``with`` block) stops the workers.
     """
@@ -118,6 +127,7 @@ class VerificationPool:
         start_method: str = "forkserver",
         initializer: Callable[[], None] | None = None,
         preload: Sequence[str] = (),
+        startup_timeout_s: float = 120.0,
     ) -> None:
         if num_workers is None:
             num_workers = min(4, os.cpu_count() or 1)
@@ -130,11 +140,19 @@ class VerificationPool:
                 f"start_method {start_method!r} is not available here; choose from "
                 f"{multiprocessing.get_all_start_methods()}"
             )
+        try:
+            # Pickled once here so a lambda or closure fails now, not inside every worker.
+            self._payload = pickle.dumps((worker_fn, initializer))
+        except Exception as exc:
+            raise TypeError(
+                f"worker_fn {worker_fn!r} and initializer {initializer!r} must be picklable module-level functions: "
+                f"{exc}"
+            ) from exc
         self.worker_fn = worker_fn
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
+        self.startup_timeout_s = float(startup_timeout_s)
         self.stats = PoolStats()
-        self._initializer = initializer
         self._ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver" and preload:
             # Only takes effect if this process has not started its forkserver yet.
@@ -176,27 +194,18 @@ class VerificationPool:
             pending = deque(
                 i for i in range(len(responses)) if isinstance(responses[i], str) and isinstance(golds[i], str)
             )
-            while True:
+            try:
+                return self._run(pending, responses, golds, results)
+            except BaseException:
+                # Interrupted (Ctrl-C, startup failure): abandon in-flight items so the next call starts clean.
                 for worker in self._workers:
-                    if worker.item is None and pending:
-                        i = pending.popleft()
-                        self._dispatch(worker, i, responses[i], golds[i])
-                busy = [w for w in self._workers if w.item is not None]
-                if not busy:
-                    return results
-                wait_s = max(0.0, min(w.deadline for w in busy) - time.monotonic())
-                ready = multiprocessing.connection.wait([w.conn for w in busy], timeout=wait_s)
-                for worker in busy:
-                    if worker.conn in ready:
-                        self._collect(worker, results)
-                    elif time.monotonic() >= worker.deadline:
-                        logger.warning(
-                            "verification of item %d exceeded %.1f s; killing worker pid %s",
-                            worker.item, self.timeout_s, worker.process.pid,
-                        )
-                        self.stats.num_timeouts += 1
-                        results[worker.item] = 0.0
-                        self._replace(worker)
+                    if worker.item is not None:
+                        worker.item = None
+                        try:
+                            self._replace(worker)
+                        except Exception:
+                            pass  # the original error is the one to report
+                raise
 
     def close(self) -> None:
         """Stop all workers. Idempotent; later calls to score/score_batch raise RuntimeError."""
@@ -223,11 +232,46 @@ class VerificationPool:
 
     # -- internals ----------------------------------------------------------------------------------------------
 
+    def _run(
+        self, pending: deque[int], responses: Sequence[str], golds: Sequence[str], results: list[float]
+    ) -> list[float]:
+        """Feed ``pending`` items to ready workers until all are answered, timed out or crashed."""
+        while True:
+            for worker in self._workers:
+                if worker.ready and worker.item is None and pending:
+                    self._dispatch(worker, pending, responses, golds)
+            busy = [w for w in self._workers if w.item is not None]
+            starting = [w for w in self._workers if not w.ready]
+            if not busy and not pending:
+                return results
+            deadlines = [w.deadline for w in busy] + [w.started_at + self.startup_timeout_s for w in starting]
+            wait_s = max(0.0, min(deadlines) - time.monotonic())
+            ready = multiprocessing.connection.wait([w.conn for w in busy + starting], timeout=wait_s)
+            for worker in starting:
+                if worker.conn in ready:
+                    self._handshake(worker)
+                elif time.monotonic() >= worker.started_at + self.startup_timeout_s:
+                    raise RuntimeError(
+                        f"verification worker pid {worker.process.pid} did not become ready within "
+                        f"{self.startup_timeout_s:.0f} s"
+                    )
+            for worker in busy:
+                if worker.conn in ready:
+                    self._collect(worker, results)
+                elif time.monotonic() >= worker.deadline:
+                    logger.warning(
+                        "verification of item %d exceeded %.1f s; killing worker pid %s",
+                        worker.item, self.timeout_s, worker.process.pid,
+                    )
+                    self.stats.num_timeouts += 1
+                    results[worker.item] = 0.0
+                    self._replace(worker)
+
     def _start_worker(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=_worker_main,
-            args=(child_conn, self.worker_fn, self._initializer),
+            args=(child_conn, self._payload, list(sys.path)),
             name="reward-verifier",
             daemon=True,  # never outlive the trainer
         )
@@ -235,26 +279,45 @@ class VerificationPool:
             process.start()
         except Exception as exc:
             parent_conn.close()
-            raise RuntimeError(f"could not start a verification worker ({self._ctx.get_start_method()}): {exc}") from exc
+            method = self._ctx.get_start_method()
+            raise RuntimeError(f"could not start a verification worker ({method}): {exc}") from exc
         finally:
             child_conn.close()  # the child holds its own copy
-        return _Worker(process=process, conn=parent_conn)
+        return _Worker(process=process, conn=parent_conn, started_at=time.monotonic())
 
     def _replace(self, worker: _Worker) -> None:
         """Kill ``worker``'s process and put a fresh one in the same slot (the slot object is kept)."""
         _kill(worker)
         fresh = self._start_worker()
-        worker.process, worker.conn, worker.item, worker.deadline = fresh.process, fresh.conn, None, 0.0
+        worker.process, worker.conn, worker.started_at = fresh.process, fresh.conn, fresh.started_at
+        worker.ready, worker.item, worker.deadline = False, None, 0.0
         self.stats.num_restarts += 1
 
-    def _dispatch(self, worker: _Worker, item: int, response: str, gold: str) -> None:
-        if not worker.process.is_alive():  # died while idle (e.g. OOM-killed): do not charge this item
-            self._replace(worker)
+    def _handshake(self, worker: _Worker) -> None:
+        """Read a starting worker's ready message; a worker that died while starting is a setup error."""
         try:
-            worker.conn.send((item, response, gold))
+            worker.conn.recv()
+        except (EOFError, OSError):
+            worker.process.join(timeout=5.0)
+            raise RuntimeError(
+                f"verification worker pid {worker.process.pid} exited during startup (exit code "
+                f"{worker.process.exitcode}); check that worker_fn {self.worker_fn!r} and its module import in a "
+                "fresh process"
+            ) from None
+        worker.ready = True
+
+    def _dispatch(self, worker: _Worker, pending: deque[int], responses: Sequence[str], golds: Sequence[str]) -> None:
+        """Send the next pending item to an idle ready ``worker`` and start its deadline."""
+        if not worker.process.is_alive():  # died while idle (e.g. OOM-killed): restart, do not charge an item
+            self._replace(worker)
+            return
+        item = pending[0]
+        try:
+            worker.conn.send((item, responses[item], golds[item]))
         except OSError:
             self._replace(worker)
-            worker.conn.send((item, response, gold))
+            return
+        pending.popleft()
         worker.item = item
         worker.deadline = time.monotonic() + self.timeout_s
 

@@ -8,13 +8,14 @@ task's ``A<integer>`` answer). A name containing ``":"`` is a dotted import path
     @register_reward("my_reward")
     def my_reward(response: str, gold: str) -> float: ...
 
-    reward_fn = get_reward(config.reward.name)   # "math", "exact", "my_reward" or "my_pkg.mod:fn"
+    reward_fn = get_reward(config.data.reward)   # "math", "exact", "my_reward" or "my_pkg.mod:fn"
+    rewards = score_batch(reward_fn, responses, golds)   # uses reward_fn.score_batch if it has one
 """
 from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable
+from typing import Callable, Sequence
 
 RewardFn = Callable[[str, str], float]  # (response text, gold answer) -> reward; 1.0 correct, 0.0 wrong
 
@@ -60,6 +61,17 @@ def get_reward(name: str) -> RewardFn:
             f"unknown reward {name!r}; registered: {available_rewards()}, "
             "or give an import path 'pkg.module:function'"
         ) from None
+
+
+def score_batch(reward_fn: RewardFn, responses: Sequence[str], golds: Sequence[str]) -> list[float]:
+    """Rewards for ``zip(responses, golds)``: ``reward_fn.score_batch(responses, golds)`` when the function offers
+    a batched path (``math_reward`` does: its pool's workers run in parallel), else one call per pair."""
+    if len(responses) != len(golds):
+        raise ValueError(f"responses has {len(responses)} items but golds has {len(golds)}")
+    batched = getattr(reward_fn, "score_batch", None)
+    if callable(batched):
+        return [float(x) for x in batched(responses, golds)]
+    return [float(reward_fn(r, g)) for r, g in zip(responses, golds)]
 
 
 def _import_reward(path: str) -> RewardFn:

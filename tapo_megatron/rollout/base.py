@@ -86,7 +86,7 @@ class RolloutEngine(abc.ABC):
 
     @abc.abstractmethod
     def health(self) -> bool:
-        """True when the engine can serve ``generate``."""
+        """True while the engine is alive (not shut down, not crashed); a ``release_memory`` pause is still alive."""
 
 
 def check_sampling_params(params: SamplingParams) -> None:
@@ -134,28 +134,46 @@ def stage_weight_buckets(
         name -> staged tensor (detached copy on ``device``), containing every required name.
 
     Raises:
-        WeightUpdateError: unknown, duplicate or missing name, wrong shape or dtype, non-tensor value.
+        WeightUpdateError: unknown, duplicate or missing name, wrong shape or dtype, non-tensor value (the first
+            one found). After such an error the rest of the stream is still consumed, unstaged, so that a sender
+            that runs collectives per bucket finishes on every rank instead of hanging.
         Anything the stream itself raises propagates unchanged; nothing has been applied in either case.
     """
     optional = set(optional)
     staged: dict[str, torch.Tensor] = {}
+    error: WeightUpdateError | None = None
     for bucket_index, bucket in enumerate(buckets):
+        if error is not None:
+            continue  # keep draining: a sender doing collectives per bucket must reach its end on every rank
         for name, tensor in bucket:
-            where = f"tensor {name!r} (bucket {bucket_index})"
-            if name not in expected:
-                raise WeightUpdateError(f"{where}: unknown name; the engine's model has no such weight")
-            if name in staged:
-                raise WeightUpdateError(f"{where}: sent twice in one update")
-            if not isinstance(tensor, torch.Tensor):
-                raise WeightUpdateError(f"{where}: expected a torch.Tensor, got {type(tensor).__name__}")
-            spec = expected[name]
-            if tuple(tensor.shape) != spec.shape:
-                raise WeightUpdateError(f"{where}: shape {tuple(tensor.shape)} != expected {spec.shape}")
-            if tensor.dtype != spec.dtype:
-                raise WeightUpdateError(f"{where}: dtype {tensor.dtype} != expected {spec.dtype}")
+            error = _check_tensor(name, tensor, bucket_index, expected, staged)
+            if error is not None:
+                staged.clear()  # free the staging copies now; nothing will be applied
+                break
             staged[name] = tensor.detach().to(device=device, copy=True)
+    if error is not None:
+        raise error
     missing = [name for name in expected if name not in staged and name not in optional]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise WeightUpdateError(f"weight stream ended without {len(missing)} tensor(s): {shown}")
     return staged
+
+
+def _check_tensor(
+    name: str, tensor: object, bucket_index: int, expected: Mapping[str, WeightSpec], staged: Mapping[str, torch.Tensor]
+) -> WeightUpdateError | None:
+    """The error for one streamed tensor, or None when it matches its spec."""
+    where = f"tensor {name!r} (bucket {bucket_index})"
+    if name not in expected:
+        return WeightUpdateError(f"{where}: unknown name; the engine's model has no such weight")
+    if name in staged:
+        return WeightUpdateError(f"{where}: sent twice in one update")
+    if not isinstance(tensor, torch.Tensor):
+        return WeightUpdateError(f"{where}: expected a torch.Tensor, got {type(tensor).__name__}")
+    spec = expected[name]
+    if tuple(tensor.shape) != spec.shape:
+        return WeightUpdateError(f"{where}: shape {tuple(tensor.shape)} != expected {spec.shape}")
+    if tensor.dtype != spec.dtype:
+        return WeightUpdateError(f"{where}: dtype {tensor.dtype} != expected {spec.dtype}")
+    return None

@@ -318,6 +318,13 @@ class MegatronActor:
         self.iteration = 0
         self._reload_main_params()
 
+    def load_hf_state(self, tensors) -> None:
+        """Fill the model from HF-named full tensors (this rank slices its TP/PP part); fresh optimizer state."""
+        from tapo_megatron.convert.qwen3 import load_hf_weights
+
+        load_hf_weights(self.module, self.ctx, tensors)
+        self._reload_main_params()
+
     def _inner_optimizers(self):
         return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
 

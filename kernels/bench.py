@@ -1,0 +1,423 @@
+"""Benchmark of tapo_kernels against their torch references and the unfused path, in one run.
+
+    python -m tapo_kernels.bench [--tokens 4096 16384 65536] [--vocab 151936] [--hidden 1024] [--groups 4096]
+                                 [--json kernels_bench.json] [--iters 5]
+
+GPU (CUDA available): for each token count, bf16 logits ``[N, V]``, forward + backward of
+  * ``masked_logprobs`` (Triton), its torch backend (chunked), and the unfused path (fp32 log_softmax + gather);
+  * the same with the entropy (the OTS path);
+  * ``fused_linear_logprobs`` (hidden ``[N, H]`` x weight ``[V, H]``) vs GEMM + Triton log-prob vs GEMM + unfused;
+  times (CUDA events, median) and peak extra memory (``max_memory_allocated`` above the inputs), printed as ratios,
+  with PASS/FAIL against the targets: masked log-prob fwd+bwd >= 2x faster than the unfused path with <= 1/4 of its
+  peak memory; grouped advantage >= 20x faster than a per-group torch loop at 4,096 groups.
+CPU: the parity check of the Triton kernels (in a subprocess under TRITON_INTERPRET=1, small shapes), peak extra
+memory of the torch backend vs the unfused path measured as ``ru_maxrss`` growth in fresh subprocesses (smaller
+token counts, same vocabulary), the bytes per logit that implies, and the grouped-advantage timings.
+Results are printed and written as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+
+TARGET_SPEEDUP_LOGPROB = 2.0
+TARGET_MEMORY_FRACTION = 0.25
+TARGET_SPEEDUP_ADVANTAGE = 20.0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Workloads
+
+
+def _logprob_step(impl: str, with_entropy: bool) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """fwd + bwd of one log-prob implementation on leaf logits; the gradient lands in logits.grad."""
+    from . import masked_logprobs, reference_entropy, reference_logprobs
+
+    def step(logits, targets, weights):
+        if impl == "unfused":
+            lp = reference_logprobs(logits, targets)
+            loss = (lp * weights).sum()
+            if with_entropy:
+                loss = loss + reference_entropy(logits).sum()
+        else:
+            out = masked_logprobs(logits, targets, None, return_entropy=with_entropy, backend=impl)
+            loss = (out[0] * weights).sum() + out[1].sum() if with_entropy else (out * weights).sum()
+        loss.backward()
+
+    return step
+
+
+def _fused_linear_step(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    from . import fused_linear_logprobs, masked_logprobs, reference_logprobs
+
+    def step(hidden, weight, targets, weights):
+        if impl == "fused_linear":
+            lp = fused_linear_logprobs(hidden, weight, targets, None, backend="triton")
+        elif impl == "gemm+triton":
+            lp = masked_logprobs(hidden @ weight.T, targets, None, backend="triton", inplace_backward=True)
+        else:
+            lp = reference_logprobs(hidden @ weight.T, targets)
+        (lp * weights).sum().backward()
+
+    return step
+
+
+def _ragged_groups(n_groups: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_groups`` groups of sizes 1..16, shuffled, arbitrary ids; rewards in {0, 0.5, 1}."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 17, (n_groups,), generator=g)
+    ids = torch.repeat_interleave(torch.randperm(10 * n_groups, generator=g)[:n_groups], sizes)
+    perm = torch.randperm(ids.numel(), generator=g)
+    rewards = torch.randint(0, 3, (ids.numel(),), generator=g).float() * 0.5
+    return rewards[perm].to(device), ids[perm].to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn: Callable[[], None], device: torch.device, iters: int, warmup: int = 1) -> float:
+    """Median seconds per call."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _gpu_peak_extra(fn: Callable[[], None]) -> int:
+    """Bytes allocated at peak during ``fn`` above what was allocated before it."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _gpu_case(run: Callable[[], None], cleanup: Callable[[], None], iters: int) -> dict:
+    device = torch.device("cuda")
+    try:
+        run()  # compile / warm up
+        cleanup()
+        peak = _gpu_peak_extra(run)
+        cleanup()
+
+        def once():
+            run()
+            cleanup()
+
+        return {"seconds": _time(once, device, iters, warmup=0), "peak_extra_bytes": peak}
+    except torch.OutOfMemoryError:
+        cleanup()
+        torch.cuda.empty_cache()
+        return {"seconds": None, "peak_extra_bytes": None, "oom": True}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GPU
+
+
+def bench_gpu(tokens: list[int], vocab: int, hidden: int, iters: int) -> dict:
+    dev = torch.device("cuda")
+    results: dict = {"logprobs": [], "logprobs_entropy": [], "fused_linear": []}
+    for n in tokens:
+        torch.manual_seed(0)
+        logits = (torch.randn(n, vocab, device=dev, dtype=torch.bfloat16) * 2).requires_grad_()
+        targets = torch.randint(0, vocab, (n,), device=dev)
+        weights = torch.randn(n, device=dev)
+
+        def cleanup(x=logits):
+            x.grad = None
+
+        for key, ent in (("logprobs", False), ("logprobs_entropy", True)):
+            row = {"tokens": n, "vocab": vocab}
+            for impl in ("triton", "torch", "unfused"):
+                step = _logprob_step(impl, ent)
+                row[impl] = _gpu_case(lambda s=step: s(logits, targets, weights), cleanup, iters)
+            results[key].append(row)
+            _print_logprob_row(key, row)
+        del logits
+        torch.cuda.empty_cache()
+
+        hid = (torch.randn(n, hidden, device=dev, dtype=torch.bfloat16)).requires_grad_()
+        w = (torch.randn(vocab, hidden, device=dev, dtype=torch.bfloat16) * hidden**-0.5).requires_grad_()
+
+        def cleanup_lin(a=hid, b=w):
+            a.grad = None
+            b.grad = None
+
+        row = {"tokens": n, "vocab": vocab, "hidden": hidden}
+        for impl in ("fused_linear", "gemm+triton", "gemm+unfused"):
+            step = _fused_linear_step(impl)
+            row[impl] = _gpu_case(lambda s=step: s(hid, w, targets, weights), cleanup_lin, iters)
+        results["fused_linear"].append(row)
+        _print_linear_row(row)
+        del hid, w
+        torch.cuda.empty_cache()
+    return results
+
+
+def _fmt_t(case: dict) -> str:
+    return "OOM" if case.get("oom") else f"{case['seconds'] * 1e3:8.2f} ms"
+
+
+def _fmt_m(case: dict) -> str:
+    return "OOM" if case.get("oom") else f"{case['peak_extra_bytes'] / 2**30:7.2f} GiB"
+
+
+def _print_logprob_row(key: str, row: dict) -> None:
+    t, r, u = row["triton"], row["torch"], row["unfused"]
+    speed_u = _ratio(u["seconds"], t["seconds"])
+    speed_r = _ratio(r["seconds"], t["seconds"])
+    mem_u = _ratio(t["peak_extra_bytes"], u["peak_extra_bytes"])
+    row["speedup_vs_unfused"], row["speedup_vs_torch"], row["memory_fraction_of_unfused"] = speed_u, speed_r, mem_u
+    if u.get("oom"):
+        verdict = "PASS (unfused OOM)" if not t.get("oom") else "FAIL (both OOM)"
+    else:
+        ok = speed_u is not None and speed_u >= TARGET_SPEEDUP_LOGPROB and mem_u <= TARGET_MEMORY_FRACTION
+        verdict = "PASS" if ok else "FAIL"
+    row["verdict"] = verdict
+    print(
+        f"[{key}] N={row['tokens']:>6} V={row['vocab']}: triton {_fmt_t(t)} {_fmt_m(t)} | torch {_fmt_t(r)} "
+        f"{_fmt_m(r)} | unfused {_fmt_t(u)} {_fmt_m(u)} | speedup vs unfused "
+        f"{'-' if speed_u is None else f'{speed_u:.2f}x'}, vs torch {'-' if speed_r is None else f'{speed_r:.2f}x'}, "
+        f"memory {'-' if mem_u is None else f'{mem_u:.3f}'} of unfused -> {verdict} "
+        f"(targets >= {TARGET_SPEEDUP_LOGPROB}x, <= {TARGET_MEMORY_FRACTION})",
+        flush=True,
+    )
+
+
+def _print_linear_row(row: dict) -> None:
+    f, g, u = row["fused_linear"], row["gemm+triton"], row["gemm+unfused"]
+    row["speedup_vs_gemm_unfused"] = _ratio(u["seconds"], f["seconds"])
+    row["memory_fraction_of_gemm_unfused"] = _ratio(f["peak_extra_bytes"], u["peak_extra_bytes"])
+    row["memory_fraction_of_gemm_triton"] = _ratio(f["peak_extra_bytes"], g["peak_extra_bytes"])
+    print(
+        f"[fused_linear] N={row['tokens']:>6} H={row['hidden']}: fused {_fmt_t(f)} {_fmt_m(f)} | gemm+triton "
+        f"{_fmt_t(g)} {_fmt_m(g)} | gemm+unfused {_fmt_t(u)} {_fmt_m(u)}",
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Grouped advantage (both devices)
+
+
+def bench_advantage(n_groups: int, device: torch.device, iters: int) -> dict:
+    from . import grouped_advantage, reference_grouped_advantage
+
+    rewards, ids = _ragged_groups(n_groups, device)
+    backend = "triton" if device.type == "cuda" else "torch"
+    out = grouped_advantage(rewards, ids, backend=backend)
+    ref = reference_grouped_advantage(rewards, ids)
+    max_err = float((out.sample_advantages - ref).abs().max())
+    t_kernel = _time(lambda: grouped_advantage(rewards, ids, backend=backend), device, iters)
+    t_torch = _time(lambda: grouped_advantage(rewards, ids, backend="torch"), device, iters)
+    t_loop = _time(lambda: reference_grouped_advantage(rewards, ids), device, max(1, iters // 2))
+    speedup = t_loop / t_kernel
+    res = {
+        "groups": n_groups,
+        "samples": rewards.numel(),
+        "backend": backend,
+        "max_abs_err_vs_loop": max_err,
+        "seconds": {"kernel": t_kernel, "torch_vectorized": t_torch, "per_group_loop": t_loop},
+        "speedup_vs_loop": speedup,
+        "speedup_vs_torch": t_torch / t_kernel,
+    }
+    if device.type == "cuda":
+        res["verdict"] = "PASS" if speedup >= TARGET_SPEEDUP_ADVANTAGE and max_err < 1e-4 else "FAIL"
+    else:
+        res["verdict"] = "n/a on CPU (GPU target)"
+    print(
+        f"[grouped_advantage] {n_groups} groups / {rewards.numel()} samples: {backend} {t_kernel * 1e3:.3f} ms | "
+        f"torch vectorized {t_torch * 1e3:.3f} ms | per-group loop {t_loop * 1e3:.1f} ms | "
+        f"speedup vs loop {speedup:.1f}x -> {res['verdict']} (target >= {TARGET_SPEEDUP_ADVANTAGE}x), "
+        f"max |err| {max_err:.2e}",
+        flush=True,
+    )
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU: parity under the interpreter and memory via ru_maxrss in fresh processes
+
+
+def _parity_check() -> dict:
+    """Runs in a subprocess with TRITON_INTERPRET=1: Triton kernels vs references on small shapes."""
+    from . import (
+        fused_linear_logprobs,
+        grouped_advantage,
+        masked_logprobs,
+        reference_entropy,
+        reference_grouped_advantage,
+        reference_logprobs,
+    )
+
+    torch.manual_seed(0)
+    out: dict = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(16, 1000) * 3).to(dtype)
+        targets = torch.randint(0, 1000, (16,))
+        mask = (torch.arange(16) % 3 != 0).long()
+        x = logits.clone().requires_grad_()
+        lp, ent = masked_logprobs(x, targets, mask, temperature=0.8, return_entropy=True, backend="triton")
+        (lp.sum() + ent.sum()).backward()
+        xr = logits.clone().requires_grad_()
+        xf = xr.float()
+        lpr, entr = reference_logprobs(xf, targets, mask, 0.8), reference_entropy(xf, mask, 0.8)
+        (lpr.sum() + entr.sum()).backward()
+        out[str(dtype).replace("torch.", "")] = {
+            "logprob_max_abs_err": float((lp - lpr).abs().max()),
+            "entropy_max_abs_err": float((ent - entr).abs().max()),
+            "grad_max_abs_err": float((x.grad.float() - xr.grad.float()).abs().max()),
+        }
+    h, w = torch.randn(12, 16), torch.randn(300, 16) * 0.3
+    t = torch.randint(0, 300, (12,))
+    out["fused_linear_logprob_max_abs_err"] = float(
+        (fused_linear_logprobs(h, w, t, token_chunk=5, vocab_chunk=128, backend="triton")
+         - reference_logprobs(h @ w.T, t)).abs().max()
+    )
+    rewards, ids = _ragged_groups(64, torch.device("cpu"))
+    out["grouped_advantage_max_abs_err"] = float(
+        (grouped_advantage(rewards, ids, backend="triton").sample_advantages
+         - reference_grouped_advantage(rewards, ids)).abs().max()
+    )
+    return out
+
+
+def _rss_probe(impl: str, n: int, vocab: int) -> int:
+    """Runs in a fresh subprocess: ru_maxrss growth (bytes) of one fwd+bwd after the inputs exist."""
+    import resource
+
+    torch.set_num_threads(1)
+    logits = torch.randn(n, vocab, dtype=torch.bfloat16).requires_grad_()  # no fp32 temporary to raise the mark
+    targets = torch.randint(0, vocab, (n,))
+    weights = torch.randn(n)
+    _logprob_step("torch", False)(logits[:1], targets[:1], weights[:1])  # warm up torch's lazy allocations
+    logits.grad = None
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    _logprob_step(impl, False)(logits, targets, weights)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def _subprocess(expr: str, env: dict | None = None) -> object:
+    code = f"import json, tapo_kernels.bench as b; print('@@' + json.dumps({expr}))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench subprocess failed:\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@")][-1]
+    return json.loads(line[2:])
+
+
+def bench_cpu(tokens: list[int], vocab: int) -> dict:
+    env = dict(os.environ, TRITON_INTERPRET="1")  # triton reads it at import: hence a fresh process
+    parity = _subprocess("b._parity_check()", env)
+    ok = all(v["logprob_max_abs_err"] < 1e-4 and v["grad_max_abs_err"] < 1e-2 for k, v in parity.items()
+             if isinstance(v, dict)) and parity["grouped_advantage_max_abs_err"] < 1e-5
+    parity["verdict"] = "PASS" if ok else "FAIL"
+    print(f"[parity, triton interpreter vs torch reference] {json.dumps(parity)}", flush=True)
+    memory = []
+    for n in tokens:
+        row: dict = {"tokens": n, "vocab": vocab}
+        for impl in ("torch", "unfused"):
+            # a fixed mmap threshold makes glibc map every large tensor fresh and unmap it on free, so the RSS
+            # high-water mark follows the live tensor bytes instead of heap reuse
+            probe_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+            row[impl] = {"peak_extra_bytes": _subprocess(f"b._rss_probe({impl!r}, {n}, {vocab})", probe_env)}
+        elems = n * vocab
+        row["torch_bytes_per_logit"] = row["torch"]["peak_extra_bytes"] / elems
+        row["unfused_bytes_per_logit"] = row["unfused"]["peak_extra_bytes"] / elems
+        row["memory_fraction_of_unfused"] = _ratio(row["torch"]["peak_extra_bytes"], row["unfused"]["peak_extra_bytes"])
+        row["note"] = ("torch backend = fixed fp32 chunk workspace (~2**24 elements x a few temporaries) + the bf16 "
+                       "gradient; it falls below the unfused path once N x V exceeds a few chunks")
+        print(
+            f"[memory, CPU ru_maxrss] N={n} V={vocab} bf16 fwd+bwd: torch backend "
+            f"{row['torch']['peak_extra_bytes'] / 2**20:.0f} MiB ({row['torch_bytes_per_logit']:.2f} B/logit) | "
+            f"unfused {row['unfused']['peak_extra_bytes'] / 2**20:.0f} MiB ({row['unfused_bytes_per_logit']:.2f} "
+            f"B/logit) | fraction {row['memory_fraction_of_unfused']:.3f}",
+            flush=True,
+        )
+        memory.append(row)
+    return {"parity": parity, "memory": memory}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="token counts (default 4096 16384 65536 on GPU, 128 1024 on CPU)")
+    p.add_argument("--vocab", type=int, default=151936)
+    p.add_argument("--hidden", type=int, default=1024, help="hidden size for the fused LM-head case (GPU)")
+    p.add_argument("--groups", type=int, default=4096)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--json", default="kernels_bench.json", help="where to write the results")
+    args = p.parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    report: dict = {
+        "machine": {
+            "device": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "targets": {
+            "logprob_speedup_vs_unfused": TARGET_SPEEDUP_LOGPROB,
+            "logprob_memory_fraction_of_unfused": TARGET_MEMORY_FRACTION,
+            "advantage_speedup_vs_loop": TARGET_SPEEDUP_ADVANTAGE,
+        },
+    }
+    try:
+        import triton
+
+        report["machine"]["triton"] = triton.__version__
+    except ImportError:
+        pass
+    print(f"tapo_kernels bench on {report['machine']}", flush=True)
+    if on_gpu:
+        report.update(bench_gpu(args.tokens or [4096, 16384, 65536], args.vocab, args.hidden, args.iters))
+    else:
+        report.update(bench_cpu(args.tokens or [128, 1024], args.vocab))
+    report["grouped_advantage"] = bench_advantage(args.groups, device, args.iters)
+    verdicts = [r["verdict"] for r in report.get("logprobs", [])] + [report["grouped_advantage"]["verdict"]]
+    if "parity" in report:
+        verdicts.append(report["parity"]["verdict"])
+    report["overall"] = "FAIL" if any(v.startswith("FAIL") for v in verdicts) else "PASS"
+    with open(args.json, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"overall: {report['overall']}; results written to {args.json}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Evaluation: greedy accuracy, Pass@1 / Pass@k over n samples, Direct Solution Rate, Effective Reflection Rate.
+
+The same function runs on the demo's held-out split, on AIME/HMMT files, and every N steps during RL.
+Per-sample rows can be written to JSONL; the summary is a flat dict of floats (NaN where undefined).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from tapo_megatron.algorithms.metrics import direct_solution_rate, effective_reflection_rate, mean_pass_at_k
+from tapo_megatron.algorithms.reflection import ReflectionDetector
+from tapo_megatron.records import Query, SamplingParams
+from tapo_megatron.rollout.base import RolloutEngine
+
+
+@dataclass
+class EvalSample:
+    query_id: str
+    sample: int  # -1 for the greedy sample
+    response: str
+    correct: bool
+    reflective: bool
+    num_tokens: int
+
+
+def evaluate(engine: RolloutEngine, queries: list[Query], reward_fn: Callable[[str, str], float], tokenizer, *,
+             n_samples: int = 4, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
+             greedy: bool = True, ks: tuple[int, ...] = (1, 2, 4, 8, 16), detector: ReflectionDetector | None = None,
+             seed: int = 0, samples_path: str | Path | None = None) -> dict[str, float]:
+    detector = detector or ReflectionDetector()
+    stop = (tokenizer.eos_id,)
+    prompts = [q.prompt_ids for q in queries]
+    rows: list[EvalSample] = []
+
+    def score(gens, sample_index):
+        for q, g in zip(queries, gens):
+            text = tokenizer.decode(g.token_ids)
+            rows.append(EvalSample(q.id, sample_index, text, reward_fn(text, q.answer) > 0.5,
+                                   detector.is_reflective(text), len(g.token_ids)))
+
+    summary: dict[str, float] = {"num_problems": float(len(queries))}
+    if greedy:
+        score(engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
+                                                      stop_token_ids=stop)), -1)
+        summary["greedy_accuracy"] = sum(r.correct for r in rows) / max(1, len(queries))
+    if n_samples > 0:
+        many = [p for p in prompts for _ in range(n_samples)]
+        gens = engine.generate(many, SamplingParams(temperature=temperature, top_p=top_p,
+                                                    max_new_tokens=max_new_tokens, stop_token_ids=stop, seed=seed))
+        for j in range(n_samples):
+            score(gens[j::n_samples], j)
+        sampled = [r for r in rows if r.sample >= 0]
+        per_problem: dict[str, list[bool]] = {}
+        for r in sampled:
+            per_problem.setdefault(r.query_id, []).append(r.correct)
+        counts = [(len(v), sum(v)) for v in per_problem.values()]
+        for k in ks:
+            if k <= n_samples:
+                summary[f"pass@{k}"] = mean_pass_at_k(counts, k)
+        correct = [r.correct for r in sampled]
+        reflective = [r.reflective for r in sampled]
+        summary["dsr"] = direct_solution_rate(correct, reflective)
+        summary["err"] = effective_reflection_rate(correct, reflective)
+        summary["reflection_rate"] = sum(reflective) / max(1, len(reflective))
+        summary["mean_response_tokens"] = sum(r.num_tokens for r in sampled) / max(1, len(sampled))
+    if samples_path:
+        Path(samples_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(samples_path, "w") as f:
+            for r in rows:
+                f.write(json.dumps(asdict(r)) + "\n")
+    return summary

@@ -1,0 +1,80 @@
+"""Per-step metrics to JSONL (always) and wandb (offline by default; online when WANDB_API_KEY is set)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from tapo_megatron.paths import REPO_ROOT
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """"auto": online when a key is configured, else offline. Explicit modes are kept."""
+    if mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return mode
+
+
+class MetricsLogger:
+    """Writes ``<output_dir>/metrics.jsonl`` and mirrors every record to wandb; use as a context manager."""
+
+    def __init__(self, output_dir: str | Path, *, run_name: str, config: dict, wandb_mode: str = "auto",
+                 project: str = "tapo-megatron", resume: bool = False):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.output_dir / "metrics.jsonl"
+        self._file = open(self.path, "a" if resume else "w")
+        self._wandb = None
+        mode = resolve_wandb_mode(wandb_mode)
+        if mode != "disabled":
+            import wandb
+
+            self._wandb = wandb.init(
+                project=project, name=run_name, mode=mode, dir=str(self.output_dir), reinit="finish_previous",
+                config={**config, "git_commit": git_commit(),
+                        "container_image": os.environ.get("TAPO_CONTAINER_IMAGE", "")})
+
+    def log(self, step: int, metrics: dict) -> None:
+        clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in metrics.items()}
+        record = {"step": step, "time": time.time(), **{k: (None if isinstance(v, float) and not math.isfinite(v)
+                                                           else v) for k, v in clean.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+
+    def log_images(self, images: dict[str, str | Path]) -> None:
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({k: wandb.Image(str(v)) for k, v in images.items() if Path(v).is_file()})
+
+    def close(self) -> None:
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

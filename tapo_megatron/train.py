@@ -1,0 +1,125 @@
+"""The RL loop (GRPO, or TAPO when ``tapo.enabled``): one screen of named calls, one stage each.
+
+    rollout -> reward -> trajectory builder (DCS, construction, splicing, DAE) -> old log-probs + OTS weights
+            -> actor step (PPO-clip, token-mean) -> weight sync to the engine -> log / eval / checkpoint
+
+Run: ``tapo train --config recipe.yaml [section.field=value ...]`` (single process or under torchrun).
+"""
+from __future__ import annotations
+
+import time
+
+import torch.distributed as dist
+from tqdm import tqdm
+
+from tapo_megatron import builders
+from tapo_megatron.config import TrainConfig, to_dict
+from tapo_megatron.data.stream import QueryStream
+from tapo_megatron.evaluation import evaluate
+from tapo_megatron.logging.tracker import MetricsLogger
+from tapo_megatron.records import Rollout, SamplingParams
+from tapo_megatron.rewards import get_reward
+from tapo_megatron.training.actor import MegatronActor, has_checkpoint
+from tapo_megatron.training.batch import batch_tensors, collate, fill_policy_tensors, make_policy_loss_fn
+from tapo_megatron.training.weight_sync import sync_weights
+from tapo_megatron.trajectory.builder import TrajectoryBuilder
+from tapo_megatron.trajectory.constructors import build_constructor
+
+
+def generate_rollouts(engine, queries, rollout_cfg, tokenizer, step: int, seed: int) -> list[Rollout]:
+    k = rollout_cfg.n_samples_per_prompt
+    params = SamplingParams(temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
+                            max_new_tokens=rollout_cfg.max_new_tokens, stop_token_ids=(tokenizer.eos_id,),
+                            seed=seed * 100_003 + step)
+    gens = engine.generate([q.prompt_ids for q in queries for _ in range(k)], params)
+    return [Rollout(query_id=q.id, group_index=i, prompt_ids=q.prompt_ids, response_ids=g.token_ids,
+                    engine_logprobs=g.logprobs, finish_reason=g.finish_reason, weight_version=g.weight_version,
+                    response_text=tokenizer.decode(g.token_ids))
+            for i, q in enumerate(queries) for g in gens[i * k:(i + 1) * k]]
+
+
+def score_rollouts(rollouts: list[Rollout], queries, reward_fn) -> None:
+    gold = {q.id: q.answer for q in queries}
+    for r in rollouts:
+        r.reward = reward_fn(r.response_text, gold[r.query_id])
+
+
+def rollout_metrics(rollouts: list[Rollout]) -> dict:
+    n = max(1, len(rollouts))
+    return {"rollout/accuracy": sum(r.reward > 0.5 for r in rollouts) / n,
+            "rollout/reward": sum(r.reward for r in rollouts) / n,
+            "rollout/response_length": sum(len(r.response_ids) for r in rollouts) / n,
+            "rollout/truncated": sum(r.finish_reason.value == "length" for r in rollouts) / n}
+
+
+def _broadcast(obj, ctx):
+    if ctx.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def train(cfg: TrainConfig) -> dict:
+    cfg.validate()
+    shape = builders.model_shape(cfg.model)
+    ctx = builders.setup_parallel(cfg, shape)
+    tokenizer = builders.build_tokenizer(cfg.model)
+    queries = builders.load_task_queries(cfg.data, tokenizer, cfg.seed)
+    stream = QueryStream(queries.train, cfg.seed)
+    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype)
+    resume_from = cfg.checkpoint.load or (cfg.checkpoint.save if has_checkpoint(cfg.checkpoint.save or "/nonexistent")
+                                          else "")
+    if resume_from:
+        stream.load_state(actor.load_checkpoint(resume_from)["stream"])
+    elif cfg.checkpoint.pretrained_checkpoint:
+        actor.load_model_weights(cfg.checkpoint.pretrained_checkpoint)
+    engine = builders.build_engine(cfg.rollout, shape, cfg.seed) if ctx.is_main else None
+    bucket = int(cfg.rollout.weight_sync_bucket_mb * 2**20)
+    sync_weights(actor, engine, actor.iteration, bucket)
+    reward_fn = get_reward(cfg.data.reward)
+    constructor = build_constructor(cfg.tapo, engine=engine, tokenizer=tokenizer) if cfg.tapo.enabled else None
+    builder = TrajectoryBuilder(cfg.tapo, cfg.algorithm, tokenizer, reward_fn, constructor, seed=cfg.seed)
+    logger = MetricsLogger(cfg.logging.output_dir, run_name=cfg.logging.run_name or "rl", config=to_dict(cfg),
+                           wandb_mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
+                           resume=bool(resume_from)) if ctx.is_main else None
+    bar = tqdm(range(actor.iteration, cfg.train_iters), desc="rl", disable=not (ctx.is_main and
+                                                                               cfg.logging.progress_bar))
+    for step in bar:
+        t0 = time.perf_counter()
+        batch_queries = stream.next_batch(cfg.rollout.rollout_batch_size)
+        built = None
+        if ctx.is_main:
+            rollouts = generate_rollouts(engine, batch_queries, cfg.rollout, tokenizer, step, cfg.seed)  # (1)
+            score_rollouts(rollouts, batch_queries, reward_fn)                                           # (2)
+            built = builder.build(batch_queries, rollouts, step)                                         # (3)
+            built.metrics.update(rollout_metrics(rollouts))
+        t_rollout = time.perf_counter() - t0
+        built = _broadcast(built, ctx)
+        metrics = dict(built.metrics)
+        if built.trajectories:
+            batch = collate(built.trajectories, tokenizer.pad_id)                                        # (4)
+            metrics.update(fill_policy_tensors(batch, actor, cfg.tapo))
+            result = actor.train_step(batch_tensors(batch), make_policy_loss_fn(batch, cfg.algorithm,
+                                                                                 cfg.tapo))           # (5)
+            metrics.update(result.metrics, loss=result.loss, grad_norm=result.grad_norm, lr=result.lr)
+        else:
+            actor.iteration += 1  # nothing carried signal this step: no update, but the step is consumed
+        metrics.update(sync_weights(actor, engine, actor.iteration, bucket))                             # (6)
+        metrics.update({"time/rollout": t_rollout, "time/step": time.perf_counter() - t0})
+        if ctx.is_main:
+            if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0:
+                for name, qs in queries.evals.items():
+                    summary = evaluate(engine, qs, reward_fn, tokenizer, n_samples=cfg.data.eval_samples,
+                                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
+                    metrics.update({f"eval/{name}/{k}": v for k, v in summary.items()})
+            logger.log(step + 1, metrics)
+            bar.set_postfix(acc=f"{metrics.get('rollout/accuracy', 0):.2f}", loss=f"{metrics.get('loss', 0):.3f}")
+        if cfg.checkpoint.save and cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0:
+            actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()})
+    if cfg.checkpoint.save:
+        actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()})
+    if logger:
+        logger.close()
+    return {"actor": actor, "engine": engine, "tokenizer": tokenizer, "queries": queries, "reward_fn": reward_fn,
+            "ctx": ctx}

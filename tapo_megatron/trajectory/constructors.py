@@ -1,0 +1,330 @@
+"""Constructors (TAPO spec step 4): turn (query, wrong rollout, correct rollout) into a reconstruction text.
+
+    constructor.construct(requests: list[ConstructionRequest]) -> list[Construction]   # one per request, in order
+
+Every constructor answers in the same textual form, ``<analysis>...</analysis><reconstruction>...</reconstruction>``,
+parsed by ``parse.parse_construction``; the reconstruction is the wrong solution copied verbatim up to and including
+its first faulty step, a short self-correction, and correct reasoning to the answer. Splicing comes later.
+
+Registered constructors (``build_constructor(tapo_cfg, engine=..., tokenizer=...)`` picks ``tapo_cfg.constructor``):
+
+- ``"policy"`` (``PolicyConstructor``): the current policy itself, served by the rollout engine, answers a
+  construction prompt rendered from a template file (default ``templates/construction_prompt.txt``, placeholders
+  ``{problem}``, ``{wrong_solution}``, ``{reference_solution}``) in the tokenizer's chat format. One engine call per
+  step for all requests.
+- ``"step_verifier"`` (``StepVerifierConstructor``): for the embedded arithmetic task; finds the first wrong step
+  programmatically (``tasks.arithmetic.check_steps``) and writes the correction (``write_correction``: the marker
+  ``W`` is that task's "wait").
+
+Add one with ``@register_constructor("name")`` on a ``Constructor`` subclass implementing ``construct`` and
+``from_config``; names are unique, and an unknown name lists the registered ones.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from tapo_megatron.config import TapoConfig
+from tapo_megatron.data.tokenizer import Tokenizer
+from tapo_megatron.records import FinishReason, Query, Rollout, SamplingParams
+from tapo_megatron.rollout.base import RolloutEngine
+from tapo_megatron.tasks import arithmetic
+from tapo_megatron.trajectory.parse import DEFAULT_MAX_CHARS, Construction, FailureReason, parse_construction
+from tapo_megatron.trajectory.splice import response_body_ids
+
+__all__ = [
+    "DEFAULT_TEMPLATE_PATH",
+    "ConstructionRequest",
+    "Constructor",
+    "PolicyConstructor",
+    "StepVerifierTask",
+    "ArithmeticStepVerifier",
+    "StepVerifierConstructor",
+    "render_construction_prompt",
+    "register_constructor",
+    "get_constructor",
+    "available_constructors",
+    "build_constructor",
+]
+
+DEFAULT_TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "construction_prompt.txt"
+_PLACEHOLDERS = ("problem", "wrong_solution", "reference_solution")
+_PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(_PLACEHOLDERS) + r")\}")
+
+
+@dataclass
+class ConstructionRequest:
+    """One wrong rollout to repair, with a correct rollout of the same group as the reference."""
+
+    query: Query
+    wrong: Rollout
+    correct: Rollout
+    wrong_text: str = ""  # decoded wrong response (no eos); "" -> wrong.response_text
+    correct_text: str = ""  # decoded correct response (no eos); "" -> correct.response_text
+
+    @classmethod
+    def from_rollouts(cls, query: Query, wrong: Rollout, correct: Rollout, tokenizer: Tokenizer) -> ConstructionRequest:
+        """Decode both responses up to their eos with ``tokenizer``: the same text the splice compares against."""
+        return cls(
+            query=query,
+            wrong=wrong,
+            correct=correct,
+            wrong_text=tokenizer.decode(response_body_ids(wrong.response_ids, tokenizer)),
+            correct_text=tokenizer.decode(response_body_ids(correct.response_ids, tokenizer)),
+        )
+
+    @property
+    def wrong_solution(self) -> str:
+        return self.wrong_text or self.wrong.response_text
+
+    @property
+    def reference_solution(self) -> str:
+        return self.correct_text or self.correct.response_text
+
+
+class Constructor(abc.ABC):
+    """Turns construction requests into parsed constructions (one per request, same order)."""
+
+    name: ClassVar[str] = ""  # set by @register_constructor
+
+    @abc.abstractmethod
+    def construct(self, requests: Sequence[ConstructionRequest]) -> list[Construction]:
+        """One ``Construction`` per request, in order; a failed one has ``text=None`` and ``failure`` set."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config(
+        cls, tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None
+    ) -> Constructor:
+        """Build from the ``tapo`` config section (and the engine/tokenizer when the constructor needs them)."""
+
+
+_CONSTRUCTORS: dict[str, type[Constructor]] = {}
+
+
+def register_constructor(name: str) -> Callable[[type[Constructor]], type[Constructor]]:
+    """Class decorator registering a ``Constructor`` subclass under ``name`` (unique)."""
+
+    def decorator(cls: type[Constructor]) -> type[Constructor]:
+        if name in _CONSTRUCTORS:
+            raise ValueError(f"constructor {name!r} is already registered ({_CONSTRUCTORS[name].__qualname__})")
+        if not (isinstance(cls, type) and issubclass(cls, Constructor)):
+            raise TypeError(f"constructor {name!r}: {cls!r} is not a Constructor subclass")
+        cls.name = name
+        _CONSTRUCTORS[name] = cls
+        return cls
+
+    return decorator
+
+
+def available_constructors() -> list[str]:
+    return sorted(_CONSTRUCTORS)
+
+
+def get_constructor(name: str) -> type[Constructor]:
+    """The class registered as ``name``; unknown names raise KeyError listing the valid ones."""
+    try:
+        return _CONSTRUCTORS[name]
+    except KeyError:
+        raise KeyError(f"unknown constructor {name!r}; registered: {', '.join(available_constructors())}") from None
+
+
+def build_constructor(
+    tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None
+) -> Constructor:
+    """The constructor named by ``tapo.constructor``, configured from ``tapo``."""
+    return get_constructor(tapo.constructor).from_config(tapo, engine=engine, tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Policy constructor
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def render_construction_prompt(template: str, problem: str, wrong_solution: str, reference_solution: str) -> str:
+    """Substitute ``{problem}``, ``{wrong_solution}``, ``{reference_solution}`` in one pass.
+
+    Not ``str.format``: other braces in the template (``\\boxed{answer}``) stay literal, and braces or placeholder
+    names inside the substituted texts (LaTeX, a solution quoting "{problem}") are never re-expanded.
+    """
+    values = {"problem": problem, "wrong_solution": wrong_solution, "reference_solution": reference_solution}
+    return _PLACEHOLDER_RE.sub(lambda m: values[m.group(1)], template)
+
+
+def _load_template(path: str | Path | None) -> tuple[str, Path]:
+    template_path = Path(path) if path else DEFAULT_TEMPLATE_PATH
+    if not template_path.is_file():
+        raise FileNotFoundError(f"construction prompt template not found: {template_path}")
+    template = template_path.read_text(encoding="utf-8")
+    missing = [p for p in _PLACEHOLDERS if "{" + p + "}" not in template]
+    if missing:
+        raise ValueError(
+            f"construction prompt template {template_path} lacks placeholder(s) "
+            f"{', '.join('{' + p + '}' for p in missing)}"
+        )
+    return template, template_path
+
+
+@register_constructor("policy")
+class PolicyConstructor(Constructor):
+    """The current policy writes the construction, through the rollout engine (TAPO's constructor).
+
+    Args:
+        engine: the rollout engine serving the current policy weights.
+        tokenizer: the policy's tokenizer; its ``chat_prompt_ids`` formats the prompt (Qwen3: non-thinking mode).
+        template_path: construction prompt template file; None: ``templates/construction_prompt.txt``.
+        sampling: sampling for the construction; None: temperature 1, top_p 1, 1024 new tokens. The tokenizer's eos
+            is always added to the stop tokens (a construction ends at the end of the assistant turn).
+        max_chars: answers longer than this fail as ``too_long`` (see ``parse_construction``).
+
+    A construction whose generation hit ``max_new_tokens`` (or was aborted) before ``</reconstruction>`` fails as
+    ``too_long`` (``aborted``): its reconstruction is cut off. One that stopped at eos without the closing tag is
+    accepted (the tolerant-parser rule).
+    """
+
+    def __init__(
+        self,
+        engine: RolloutEngine,
+        tokenizer: Tokenizer,
+        template_path: str | Path | None = None,
+        sampling: SamplingParams | None = None,
+        max_chars: int = DEFAULT_MAX_CHARS,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.template, self.template_path = _load_template(template_path)
+        sampling = sampling or SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=1024)
+        if tokenizer.eos_id not in sampling.stop_token_ids:
+            sampling = dataclasses.replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) + (tokenizer.eos_id,))
+        self.sampling = sampling
+        self.max_chars = max_chars
+        try:  # fail at build time, not mid-training, when the tokenizer cannot express the prompt
+            tokenizer.chat_prompt_ids(render_construction_prompt(self.template, "1+1", "2", "2"))
+        except ValueError as exc:
+            raise ValueError(
+                f"PolicyConstructor: the tokenizer cannot encode the construction prompt {self.template_path} "
+                f"({exc}); the arithmetic demo's char vocabulary has no room for it: use tapo.constructor="
+                "'step_verifier' there"
+            ) from exc
+
+    @classmethod
+    def from_config(
+        cls, tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None
+    ) -> PolicyConstructor:
+        if engine is None or tokenizer is None:
+            raise ValueError("tapo.constructor='policy' needs the rollout engine and the tokenizer")
+        sampling = SamplingParams(
+            temperature=tapo.construction_temperature,
+            top_p=tapo.construction_top_p,
+            max_new_tokens=tapo.max_construction_tokens,
+            stop_token_ids=(tokenizer.eos_id,),
+        )
+        return cls(engine, tokenizer, template_path=tapo.construction_prompt or None, sampling=sampling,
+                   max_chars=tapo.max_construction_chars)
+
+    def prompt_text(self, request: ConstructionRequest) -> str:
+        """The construction prompt (before chat formatting) for one request."""
+        return render_construction_prompt(
+            self.template, request.query.problem, request.wrong_solution, request.reference_solution
+        )
+
+    def construct(self, requests: Sequence[ConstructionRequest]) -> list[Construction]:
+        if not requests:
+            return []
+        prompts = [self.tokenizer.chat_prompt_ids(self.prompt_text(r)) for r in requests]
+        generations = self.engine.generate(prompts, self.sampling)  # one batch for the whole step
+        if len(generations) != len(prompts):
+            raise RuntimeError(f"rollout engine returned {len(generations)} generations for {len(prompts)} prompts")
+        out: list[Construction] = []
+        for gen in generations:
+            parsed = parse_construction(self.tokenizer.decode(gen.token_ids), self.max_chars)
+            if parsed.failure is None and not parsed.closed and gen.finish_reason is not FinishReason.STOP:
+                reason = FailureReason.TOO_LONG if gen.finish_reason is FinishReason.LENGTH else FailureReason.ABORTED
+                parsed = Construction(None, parsed.analysis, reason.value, parsed.raw)
+            out.append(parsed)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Step-verifier constructor (demo task)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StepVerifierTask(Protocol):
+    """A task whose solutions can be checked step by step."""
+
+    def write_correction(self, problem: str, response_text: str) -> str | None:
+        """The reconstruction (wrong prefix + correction + correct continuation); None if nothing is wrong."""
+
+    def describe_first_error(self, problem: str, response_text: str) -> str:
+        """A one-sentence diagnosis of the first faulty step."""
+
+
+class ArithmeticStepVerifier:
+    """``StepVerifierTask`` of the embedded arithmetic task (``tasks.arithmetic``)."""
+
+    def write_correction(self, problem: str, response_text: str) -> str | None:
+        return arithmetic.write_correction(problem, response_text)
+
+    def describe_first_error(self, problem: str, response_text: str) -> str:
+        check = arithmetic.check_steps(problem, response_text)
+        if check is None:
+            return "The solution is correct."
+        kind, n, found, expected = check.kind, check.step_index + 1, check.found, check.expected
+        K = arithmetic.StepErrorKind
+        if kind is K.WRONG_RESULT:
+            return f"Step {n}, '{found}', has a wrong result: it should be '{expected}'."
+        if kind is K.WRONG_ORDER:
+            return (f"Step {n}, '{found}', is not the next operation: multiplications come first, then left to "
+                    f"right, so the next step is '{expected}'.")
+        if kind is K.MALFORMED:
+            return f"Step {n}, '{found}', is malformed; it should be '{expected}'."
+        if kind is K.EXTRA_STEP:
+            return f"All steps were already done; '{found}' is an extra step where the answer '{expected}' belongs."
+        if kind is K.PREMATURE_ANSWER:
+            return f"The answer '{found}' is given before step {n}, '{expected}', was computed."
+        if kind is K.WRONG_ANSWER:
+            return f"Every step is right, but the final answer '{found}' should be '{expected}'."
+        return f"The solution stops before step {n}; it should continue with '{expected}'."  # INCOMPLETE
+
+
+@register_constructor("step_verifier")
+class StepVerifierConstructor(Constructor):
+    """Writes constructions programmatically for a step-verifiable task (default: the arithmetic demo).
+
+    Each answer is rendered in exactly the policy's textual form, ``<analysis>`` + ``<reconstruction>``, and goes
+    through the same parser, so both constructors reach splicing the same way. A "wrong" response without a
+    faulty step fails as ``no_error``.
+    """
+
+    def __init__(self, task: StepVerifierTask | None = None) -> None:
+        self.task = task if task is not None else ArithmeticStepVerifier()
+
+    @classmethod
+    def from_config(
+        cls, tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None
+    ) -> StepVerifierConstructor:
+        return cls()  # needs neither the engine nor the tokenizer
+
+    def construct(self, requests: Sequence[ConstructionRequest]) -> list[Construction]:
+        out: list[Construction] = []
+        for request in requests:
+            problem, wrong = request.query.problem, request.wrong_solution
+            try:
+                reconstruction = self.task.write_correction(problem, wrong)
+            except ValueError as exc:
+                raise ValueError(
+                    f"step_verifier constructor cannot check query {request.query.id!r}: {exc}"
+                ) from exc
+            if reconstruction is None:
+                out.append(Construction(None, "", FailureReason.NO_ERROR.value, ""))
+                continue
+            analysis = self.task.describe_first_error(problem, wrong)
+            raw = f"<analysis>\n{analysis}\n</analysis>\n<reconstruction>\n{reconstruction}\n</reconstruction>"
+            out.append(parse_construction(raw, max_chars=max(DEFAULT_MAX_CHARS, len(raw))))
+        return out
