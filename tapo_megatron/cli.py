@@ -10,8 +10,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 
 
 def _config(args):
@@ -20,9 +22,19 @@ def _config(args):
     return load_config(args.config, args.overrides)
 
 
+def _quiet_dependencies() -> None:
+    """Keep the console for our own progress: Megatron/TE/apex fallback and deprecation notices are not news."""
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
+    for name in ("megatron", "megatron.core", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_dependencies()
     parser = argparse.ArgumentParser(prog="tapo", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -106,7 +106,8 @@ def run_demo(out_dir: str = "runs/demo", seeds: tuple[int, ...] = (1234,), grpo_
     from tapo_megatron.training.actor import MegatronActor
 
     ctx = builders.setup_parallel(cfg, shape)
-    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype)
+    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype,
+                          cfg.model.kernel_backend)
     actor.load_model_weights(cold_ckpt)
     engine = builders.build_engine(cfg.rollout, shape, cfg.seed)
     sync_weights(actor, engine, 0, 2**26)

@@ -67,7 +67,8 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = builders.build_tokenizer(cfg.model)
     queries = builders.load_task_queries(cfg.data, tokenizer, cfg.seed)
     stream = QueryStream(queries.train, cfg.seed)
-    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype)
+    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype,
+                          cfg.model.kernel_backend)
     resume_from = cfg.checkpoint.load or (cfg.checkpoint.save if has_checkpoint(cfg.checkpoint.save or "/nonexistent")
                                           else "")
     if resume_from:
@@ -78,8 +79,10 @@ def train(cfg: TrainConfig) -> dict:
     bucket = int(cfg.rollout.weight_sync_bucket_mb * 2**20)
     sync_weights(actor, engine, actor.iteration, bucket)
     reward_fn = get_reward(cfg.data.reward)
-    constructor = build_constructor(cfg.tapo, engine=engine, tokenizer=tokenizer) if cfg.tapo.enabled else None
-    builder = TrajectoryBuilder(cfg.tapo, cfg.algorithm, tokenizer, reward_fn, constructor, seed=cfg.seed)
+    builder = None  # rollouts, construction and trajectory building happen on rank 0, next to the engine
+    if ctx.is_main:
+        constructor = build_constructor(cfg.tapo, engine=engine, tokenizer=tokenizer) if cfg.tapo.enabled else None
+        builder = TrajectoryBuilder(cfg.tapo, cfg.algorithm, tokenizer, reward_fn, constructor, seed=cfg.seed)
     logger = MetricsLogger(cfg.logging.output_dir, run_name=cfg.logging.run_name or "rl", config=to_dict(cfg),
                            wandb_mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
                            resume=bool(resume_from)) if ctx.is_main else None

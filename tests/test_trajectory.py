@@ -41,11 +41,10 @@ from tapo_megatron.trajectory import (
     parse_construction,
     register_constructor,
     select_pairs,
-    splice,
     zpd_filter,
 )
 from tapo_megatron.trajectory.constructors import render_construction_prompt
-from tapo_megatron.trajectory.splice import copy_extent
+from tapo_megatron.trajectory.splice import copy_extent, splice
 
 ARITH = ArithmeticTokenizer()
 TASK = ArithmeticTask()
@@ -222,6 +221,11 @@ def test_copy_extent_whitespace_and_corrections():
     assert copy_extent(W1, R1) == 15  # the correction "W7+15=22;..." shares no 8-character run with "21-4=17;A17"
     assert copy_extent("7+5=12;12*3=36;36-4=32;A32", "7+5=12;W5*3=15;7+15=22;22-4=18;A18") == 7
     assert copy_extent("", GOLD) == 0
+    # an inserted correction whose continuation repeats the wrong text's next step is still the correction
+    assert copy_extent("8*3=28;8*3=24;28-5=23;23+24=47;A47", "8*3=28;W8*3=24;8*3=24;24-5=19;19+24=43;A43") == 7
+    # a deleted character inside the copy is a slip: the copy goes on to "so"
+    w = "The total is 12 apples and 30 pears, so 42 fruits."
+    assert copy_extent(w, "The total is 12 apple and 30 pears, so wait: 12 + 30 = 42.") == len(w) - len(" 42 fruits.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,7 +393,8 @@ def test_policy_constructor_prompt_and_parsing(qwen):
     q = qwen_query(qwen)
     request = ConstructionRequest.from_rollouts(q, qwen_rollout(qwen, q, QWEN_WRONG),
                                                 qwen_rollout(qwen, q, QWEN_CORRECT), qwen)
-    good = f"<analysis>\nThe loose apples must be added.\n</analysis>\n<reconstruction>\n{QWEN_RECON}\n</reconstruction>"
+    good = (f"<analysis>\nThe loose apples must be added.\n</analysis>\n<reconstruction>\n{QWEN_RECON}\n"
+            "</reconstruction>")
     engine = FakeEngine([(good, FinishReason.STOP), ("<analysis>a</analysis><reconstruction>Each basket holds",
                                                      FinishReason.LENGTH)], qwen)
     constructor = build_constructor(TapoConfig(constructor="policy", max_construction_tokens=77,

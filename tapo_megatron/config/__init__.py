@@ -24,6 +24,7 @@ class ModelConfig:
     hf_config_path: str = ""  # alternative: a config.json or an HF model dir
     tokenizer: str = "arithmetic"  # "arithmetic" (demo) or a local tokenizer dir
     params_dtype: str = "float32"  # float32 | bfloat16
+    kernel_backend: str = "auto"  # log-prob/entropy/advantage kernels: auto (Triton on CUDA, torch on CPU) | triton | torch
 
 
 @dataclass
@@ -73,7 +74,9 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage_estimator: str = "grpo"  # grpo | dae
+    # dae: originals and constructed trajectories normalised in separate groups (identical to GRPO without TAPO);
+    # grpo: one group per query (with TAPO on, this is the paper's "no DAE" ablation)
+    advantage_estimator: str = "dae"
     normalize_std: bool = True
     adv_eps: float = 1e-6
     clip_eps_low: float = 0.2
@@ -156,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"rollout.engine={self.rollout.engine!r}: expected 'native' or 'sglang'")
         if self.model.params_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.params_dtype={self.model.params_dtype!r}: expected 'float32' or 'bfloat16'")
+        if self.model.kernel_backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"model.kernel_backend={self.model.kernel_backend!r}: expected auto, triton or torch")
         if not self.model.hf_config and not self.model.hf_config_path:
             raise ConfigError("model.hf_config or model.hf_config_path is required")
         if self.tapo.enabled and self.tapo.n_pos + self.tapo.n_neg > self.rollout.n_samples_per_prompt:

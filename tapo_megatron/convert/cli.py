@@ -81,11 +81,15 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="tensor", disable=_rank() != 0, leave=False)
 
 
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+
+
 def _start_atomic(out: Path, overwrite: bool) -> Path:
     """Rank 0 prepares ``<out>.tmp`` (removing a stale one); returns it. Refuses an existing ``out``."""
     tmp = out.with_name(out.name + ".tmp")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    _refuse_existing(out, overwrite)
     if _rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -117,6 +121,7 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
     from tapo_megatron.parallel import init_parallel
 
     hf_dir, out = Path(hf_dir), Path(out)
+    _refuse_existing(out, overwrite)  # before minutes of work, not after
     t0 = time.perf_counter()
     reader = HFCheckpointReader(hf_dir)
     shape = Qwen3Shape.from_hf(reader.config)
@@ -250,6 +255,7 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
     ``tokenizer_dir``. Streams: one layer in memory plus the shard being filled. Returns ``out``.
     """
     ckpt, out = Path(ckpt), Path(out)
+    _refuse_existing(out, overwrite)
     t0 = time.perf_counter()
     shape = read_ckpt_shape(ckpt)
     model_dir = ckpt / MODEL_SUBDIR

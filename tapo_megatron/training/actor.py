@@ -52,7 +52,7 @@ def _dtype(name: str) -> torch.dtype:
 
 class MegatronActor:
     def __init__(self, shape: Qwen3Shape, ctx: ParallelContext, optim: OptimizerConfig,
-                 parallel: ParallelConfig, params_dtype: str = "float32"):
+                 parallel: ParallelConfig, params_dtype: str = "float32", kernel_backend: str = "auto"):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
@@ -60,6 +60,7 @@ class MegatronActor:
 
         self.shape, self.ctx, self.optim_cfg, self.parallel_cfg = shape, ctx, optim, parallel
         self.dtype = _dtype(params_dtype)
+        self.kernel_backend = kernel_backend
         module = build_qwen3(shape, ctx, self.dtype)
         self.config = module.config
         ddp_config = DistributedDataParallelConfig(
@@ -127,7 +128,8 @@ class MegatronActor:
 
             def loss_func(logits):
                 logprobs, entropy = vocab_parallel_logprobs_and_entropy(
-                    logits, tokens, self.ctx.tp_group, temperature=temperature, with_entropy=with_entropy)
+                    logits, tokens, self.ctx.tp_group, temperature=temperature, with_entropy=with_entropy,
+                    backend=self.kernel_backend)
                 loss, metrics = loss_fn(logprobs, entropy, mb)
                 return loss * scale, metrics
 

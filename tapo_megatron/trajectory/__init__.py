@@ -5,6 +5,9 @@
     parse.py         tolerant <analysis>/<reconstruction> parser, failure reasons
     splice.py        wrong rollout's own prefix tokens (SAMPLED) + reconstruction tail (INJECTED) + eos
     builder.py       TrajectoryBuilder.build(queries, rollouts, step) -> BuildResult (trajectories, metrics)
+
+The splicing function is imported from its module, ``from tapo_megatron.trajectory.splice import splice``: a
+package attribute named ``splice`` would shadow the ``splice`` submodule.
 """
 from tapo_megatron.trajectory.builder import BuildResult, TrajectoryBuilder
 from tapo_megatron.trajectory.candidates import is_candidate, select_pairs, zpd_filter
@@ -19,7 +22,7 @@ from tapo_megatron.trajectory.constructors import (
     register_constructor,
 )
 from tapo_megatron.trajectory.parse import Construction, FailureReason, parse_construction
-from tapo_megatron.trajectory.splice import SpliceResult, splice
+from tapo_megatron.trajectory.splice import SpliceResult
 
 __all__ = [
     "BuildResult",
@@ -38,6 +41,5 @@ __all__ = [
     "parse_construction",
     "register_constructor",
     "select_pairs",
-    "splice",
     "zpd_filter",
 ]

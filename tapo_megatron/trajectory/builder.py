@@ -101,7 +101,9 @@ class TrajectoryBuilder:
     ) -> None:
         if tapo.enabled:
             if constructor is None:
-                raise ValueError("tapo.enabled=True needs a constructor (see trajectory.constructors.build_constructor)")
+                raise ValueError(
+                    "tapo.enabled=True needs a constructor (see trajectory.constructors.build_constructor)"
+                )
             if tapo.n_pos < 1 or tapo.n_neg < 1:
                 raise ValueError(f"tapo.n_pos={tapo.n_pos} and tapo.n_neg={tapo.n_neg} must both be >= 1")
             if tapo.m_max < 1:
@@ -179,7 +181,9 @@ class TrajectoryBuilder:
     def _construct(
         self, queries: Sequence[Query], rollouts: Sequence[Rollout], step: int
     ) -> tuple[list[Trajectory], list[int], dict[str, float], dict[str, int]]:
-        """DCS -> pairs -> construct -> splice -> score. Returns (trajectories, their query indices, metrics, failures)."""
+        """DCS -> pairs -> construct -> splice -> score.
+
+        Returns (constructed trajectories, their query indices, metrics, failures by reason)."""
         tapo, tok = self.tapo, self.tokenizer
         groups: dict[int, list[Rollout]] = defaultdict(list)
         for r in rollouts:

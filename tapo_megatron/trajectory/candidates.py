@@ -40,7 +40,9 @@ def is_candidate(rewards: Sequence[float], n_pos: int, n_neg: int) -> bool:
     ``[1, 1, 0, 0, 0, 0, 0, 0]`` with (2, 4) -> True; ``[1, 0, 0, 0, 0, 0, 0, 0]`` -> False (one correct).
     """
     if n_pos < 1 or n_neg < 1:
-        raise ValueError(f"n_pos={n_pos} and n_neg={n_neg} must both be >= 1 (a pair needs a correct and a wrong rollout)")
+        raise ValueError(
+            f"n_pos={n_pos} and n_neg={n_neg} must both be >= 1 (a pair needs a correct and a wrong rollout)"
+        )
     n_correct = sum(1 for r in rewards if is_correct(r))
     return n_correct >= n_pos and len(rewards) - n_correct >= n_neg
 

@@ -200,7 +200,8 @@ class PolicyConstructor(Constructor):
         self.template, self.template_path = _load_template(template_path)
         sampling = sampling or SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=1024)
         if tokenizer.eos_id not in sampling.stop_token_ids:
-            sampling = dataclasses.replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) + (tokenizer.eos_id,))
+            stops = tuple(sampling.stop_token_ids) + (tokenizer.eos_id,)
+            sampling = dataclasses.replace(sampling, stop_token_ids=stops)
         self.sampling = sampling
         self.max_chars = max_chars
         try:  # fail at build time, not mid-training, when the tokenizer cannot express the prompt

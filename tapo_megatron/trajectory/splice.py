@@ -13,10 +13,11 @@ Definitions (W = the wrong response's text = ``decode(wrong.response_ids)`` up t
 
 - **Copied prefix** c: the longest common character prefix of W and R (the verbatim copy).
 - **Divergence point** D (``copy_extent``): how far R's copy of W reaches when whitespace is ignored and copying
-  slips are skipped (a skip of <= 8 characters on either side after which both agree again for >= 8 characters);
-  D is the index in W just after the last character matched this way. A perfect copy that diverges at the faulty
-  step has D = c (or D a few characters past c when the divergence sits next to whitespace); the correction that
-  follows (longer than 8 characters, or not followed by an 8-character run of W) ends the copy.
+  slips are skipped (a substitution or deletion of <= 8 characters after which both agree again for >= 8
+  characters); D is the index in W just after the last character matched this way. A perfect copy that diverges
+  at the faulty step has D = c (or D a few characters past c when the divergence sits next to whitespace): the
+  correction that follows is an insertion, which ends the copy even when the corrected continuation repeats W's
+  later steps.
 - **prefix_fraction** = c / max(c, D) (0 when both are 0): the share of W's characters before the divergence that
   R copied verbatim. A policy that re-flowed a line break, or mistyped a digit, early in its copy has a small c and
   a large D.
@@ -88,15 +89,18 @@ def _content(text: str) -> tuple[str, list[int]]:
     return "".join(text[i] for i in index), index
 
 
-def copy_extent(wrong_text: str, reconstruction: str, max_gap: int = 8, min_resync: int = 8) -> int:
+def copy_extent(
+    wrong_text: str, reconstruction: str, max_gap: int = 8, min_resync: int = 8, max_insert: int = 0
+) -> int:
     """D: how far into ``wrong_text`` the reconstruction's copy of it reaches (an index into ``wrong_text``).
 
     Both texts are compared on their non-whitespace characters. Walk them from the start while they agree; at a
-    mismatch, look for the nearest skip of at most ``max_gap`` characters on each side after which they agree again
-    for ``min_resync`` characters (a copying slip: substitution, insertion or deletion inside an otherwise verbatim
-    copy), and keep walking; when there is none, the copy ends. Returns the index just after the last character of
-    ``wrong_text`` matched this way (0 when none). A correction longer than ``max_gap`` characters, or one after
-    which the texts share no ``min_resync``-character run, ends the copy where the correction starts.
+    mismatch, look for the nearest copying slip after which they agree again for ``min_resync`` characters, and keep
+    walking; when there is none, the copy ends. A slip skips dw <= ``max_gap`` characters of the wrong text and
+    dr <= ``max_gap`` of the reconstruction with dr <= dw + ``max_insert``: by default a substitution or a deletion.
+    Text the reconstruction adds (beyond whitespace) is read as the start of the correction (``W7+15=22;``,
+    "Wait, ..."), never as a slip, even when the corrected continuation then repeats the wrong text's next steps.
+    Returns the index just after the last character of ``wrong_text`` matched this way (0 when none).
     """
     w, w_index = _content(wrong_text)
     r, _ = _content(reconstruction)
@@ -111,9 +115,12 @@ def copy_extent(wrong_text: str, reconstruction: str, max_gap: int = 8, min_resy
         skip = None
         for total in range(1, 2 * max_gap + 1):  # nearest resynchronisation first
             for dw in range(max(0, total - max_gap), min(total, max_gap) + 1):
+                dr = total - dw
+                if dr > dw + max_insert:
+                    continue
                 run = w[i + dw:i + dw + min_resync]
-                if len(run) == min_resync and run == r[j + total - dw:j + total - dw + min_resync]:
-                    skip = (dw, total - dw)
+                if len(run) == min_resync and run == r[j + dr:j + dr + min_resync]:
+                    skip = (dw, dr)
                     break
             if skip:
                 break
@@ -171,7 +178,9 @@ def splice(
     if wrong.query_id != query.id:
         raise ValueError(f"splice: wrong rollout belongs to query {wrong.query_id!r}, not {query.id!r}")
     if query.prompt_ids and list(query.prompt_ids) != list(wrong.prompt_ids):
-        raise ValueError(f"splice: rollout of query {query.id!r} was sampled from different prompt ids than the query's")
+        raise ValueError(
+            f"splice: the rollout of query {query.id!r} was sampled from other prompt ids than the query's"
+        )
     if not 0.0 <= min_prefix_match <= 1.0:
         raise ValueError(f"min_prefix_match must be in [0, 1], got {min_prefix_match}")
     if max_tokens is not None and max_tokens < 1:
