@@ -55,7 +55,7 @@ def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
     shape = builders.model_shape(cfg.model)
     ctx = builders.setup_parallel(cfg, shape)
     tokenizer = builders.build_tokenizer(cfg.model)
-    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype,
+    actor = MegatronActor(shape, ctx, cfg.sft.optimizer, cfg.parallel, cfg.model.params_dtype,
                           cfg.model.kernel_backend)
     state = {"cursor": 0}
     if cfg.checkpoint.save and has_checkpoint(cfg.checkpoint.save):

@@ -22,9 +22,11 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
+
+from tapo_megatron.registry import Registry
 
 __all__ = [
     "ZeroVariancePolicy",
@@ -158,6 +160,12 @@ def group_normalized_advantages(
         are all equal get exactly 0.
     """
     _check_inputs(rewards, group_ids)
+    if rewards.is_cuda:
+        # On GPU: the fused Triton kernel (one launch for ragged, unsorted groups; same zero-variance rule).
+        from tapo_kernels import grouped_advantage
+
+        result = grouped_advantage(rewards.float(), group_ids, eps=eps, normalize_std=normalize_std)
+        return result.sample_advantages.to(_output_dtype(rewards))
     values = rewards.double()
     inverse, num_groups = _dense_groups(group_ids)
     if num_groups == 0:
@@ -301,31 +309,10 @@ class AdvantageFn(Protocol):
     ) -> tuple[torch.Tensor, AdvantageStats]: ...
 
 
-_ADVANTAGES: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator registering an :class:`AdvantageFn` under ``name``; a name can be registered once."""
-
-    def decorator(fn: AdvantageFn) -> AdvantageFn:
-        if name in _ADVANTAGES:
-            raise ValueError(f"advantage estimator {name!r} is already registered ({_ADVANTAGES[name]!r})")
-        _ADVANTAGES[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_advantage(name: str) -> AdvantageFn:
-    """The estimator registered as ``name``; unknown names raise KeyError listing the valid ones."""
-    try:
-        return _ADVANTAGES[name]
-    except KeyError:
-        raise KeyError(f"unknown advantage estimator {name!r}; registered: {', '.join(sorted(_ADVANTAGES))}") from None
-
-
-def list_advantages() -> list[str]:
-    return sorted(_ADVANTAGES)
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+register_advantage = ADVANTAGES.register  # decorator: @register_advantage("name")
+get_advantage = ADVANTAGES.get  # unknown names raise KeyError listing the valid ones
+list_advantages = ADVANTAGES.names
 
 
 register_advantage("grpo")(grpo_advantages)

@@ -24,9 +24,11 @@ DDP's default), multiply the loss by the data-parallel world size (or configure 
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
+
+from tapo_megatron.registry import Registry
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -258,31 +260,10 @@ class PolicyLossFn(Protocol):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
 
-_POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator registering a :class:`PolicyLossFn` under ``name``; a name can be registered once."""
-
-    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
-        if name in _POLICY_LOSSES:
-            raise ValueError(f"policy loss {name!r} is already registered ({_POLICY_LOSSES[name]!r})")
-        _POLICY_LOSSES[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_policy_loss(name: str) -> PolicyLossFn:
-    """The loss registered as ``name``; unknown names raise KeyError listing the valid ones."""
-    try:
-        return _POLICY_LOSSES[name]
-    except KeyError:
-        raise KeyError(f"unknown policy loss {name!r}; registered: {', '.join(sorted(_POLICY_LOSSES))}") from None
-
-
-def list_policy_losses() -> list[str]:
-    return sorted(_POLICY_LOSSES)
+POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
+register_policy_loss = POLICY_LOSSES.register  # decorator: @register_policy_loss("name")
+get_policy_loss = POLICY_LOSSES.get  # unknown names raise KeyError listing the valid ones
+list_policy_losses = POLICY_LOSSES.names
 
 
 register_policy_loss("ppo_clip")(policy_loss)

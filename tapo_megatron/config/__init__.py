@@ -113,6 +113,9 @@ class SftConfig:
     train_iters: int = 600
     data_file: str = ""  # JSONL of {"prompt": ..., "response": ...} (cold-start set); empty: the arithmetic task
     reflective_fraction: float = 0.0  # arithmetic task: share of examples with a corrected slip
+    # SFT has its own optimizer schedule (the RL one lives in the top-level `optimizer` section).
+    optimizer: "OptimizerConfig" = field(default_factory=lambda: OptimizerConfig(lr=2e-3, lr_warmup_iters=30,
+                                                                                 lr_decay_iters=1200))
 
 
 @dataclass

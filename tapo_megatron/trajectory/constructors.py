@@ -32,6 +32,7 @@ from typing import ClassVar, Protocol
 from tapo_megatron.config import TapoConfig
 from tapo_megatron.data.tokenizer import Tokenizer
 from tapo_megatron.records import FinishReason, Query, Rollout, SamplingParams
+from tapo_megatron.registry import Registry
 from tapo_megatron.rollout.base import RolloutEngine
 from tapo_megatron.tasks import arithmetic
 from tapo_megatron.trajectory.parse import DEFAULT_MAX_CHARS, Construction, FailureReason, parse_construction
@@ -104,34 +105,25 @@ class Constructor(abc.ABC):
         """Build from the ``tapo`` config section (and the engine/tokenizer when the constructor needs them)."""
 
 
-_CONSTRUCTORS: dict[str, type[Constructor]] = {}
+def _check_constructor(cls, name: str) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Constructor)):
+        raise TypeError(f"constructor {name!r}: {cls!r} is not a Constructor subclass")
+
+
+CONSTRUCTORS: Registry[type[Constructor]] = Registry("constructor", check=_check_constructor)
+get_constructor = CONSTRUCTORS.get  # unknown names raise KeyError listing the valid ones
+available_constructors = CONSTRUCTORS.names
 
 
 def register_constructor(name: str) -> Callable[[type[Constructor]], type[Constructor]]:
-    """Class decorator registering a ``Constructor`` subclass under ``name`` (unique)."""
+    """Class decorator registering a ``Constructor`` subclass under ``name`` (unique); sets ``cls.name``."""
 
     def decorator(cls: type[Constructor]) -> type[Constructor]:
-        if name in _CONSTRUCTORS:
-            raise ValueError(f"constructor {name!r} is already registered ({_CONSTRUCTORS[name].__qualname__})")
-        if not (isinstance(cls, type) and issubclass(cls, Constructor)):
-            raise TypeError(f"constructor {name!r}: {cls!r} is not a Constructor subclass")
+        CONSTRUCTORS.register(name)(cls)
         cls.name = name
-        _CONSTRUCTORS[name] = cls
         return cls
 
     return decorator
-
-
-def available_constructors() -> list[str]:
-    return sorted(_CONSTRUCTORS)
-
-
-def get_constructor(name: str) -> type[Constructor]:
-    """The class registered as ``name``; unknown names raise KeyError listing the valid ones."""
-    try:
-        return _CONSTRUCTORS[name]
-    except KeyError:
-        raise KeyError(f"unknown constructor {name!r}; registered: {', '.join(available_constructors())}") from None
 
 
 def build_constructor(
