@@ -34,7 +34,8 @@ CURVE_KEYS = ["rollout/accuracy", "loss", "entropy", "grad_norm", "rollout/respo
 
 def _eval(engine, cfg, tokenizer, queries, path=None) -> dict:
     return evaluate(engine, queries, get_reward(cfg.data.reward), tokenizer, n_samples=cfg.data.eval_samples,
-                    max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed + 7, samples_path=path)
+                    max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed + 7, samples_path=path,
+                    detector=builders.reflection_detector(cfg.data))
 
 
 def cold_start(cfg, out: Path, target: float, check_every: int) -> tuple[Path, dict]:

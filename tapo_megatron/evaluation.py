@@ -1,7 +1,9 @@
 """Evaluation: greedy accuracy, Pass@1 / Pass@k over n samples, Direct Solution Rate, Effective Reflection Rate.
 
 The same function runs on the demo's held-out split, on AIME/HMMT files, and every N steps during RL.
-Per-sample rows can be written to JSONL; the summary is a flat dict of floats (NaN where undefined).
+Per-sample rows (``EvalSample``: response, extracted ``\boxed{}`` answer, correct, reflective) can be written to
+JSONL; the summary is a flat dict of floats (NaN where undefined). ``tapo eval`` (eval_cli.py) calls this once per
+benchmark; the RL loop calls it every ``eval_interval`` steps.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Callable
 from tapo_megatron.algorithms.metrics import direct_solution_rate, effective_reflection_rate, mean_pass_at_k
 from tapo_megatron.algorithms.reflection import ReflectionDetector
 from tapo_megatron.records import Query, SamplingParams
+from tapo_megatron.rewards import extract_boxed, score_batch
 from tapo_megatron.rollout.base import RolloutEngine
 
 
@@ -21,6 +24,7 @@ class EvalSample:
     query_id: str
     sample: int  # -1 for the greedy sample
     response: str
+    extracted_answer: str | None  # content of the last \boxed{} (None: no box; the verifier may still read the tail)
     correct: bool
     reflective: bool
     num_tokens: int
@@ -36,9 +40,11 @@ def evaluate(engine: RolloutEngine, queries: list[Query], reward_fn: Callable[[s
     rows: list[EvalSample] = []
 
     def score(gens, sample_index):
-        for q, g in zip(queries, gens):
-            text = tokenizer.decode(g.token_ids)
-            rows.append(EvalSample(q.id, sample_index, text, reward_fn(text, q.answer) > 0.5,
+        texts = [tokenizer.decode(g.token_ids) for g in gens]
+        # One batched call: the "math" verifier spreads it over its process pool.
+        rewards = score_batch(reward_fn, texts, [q.answer for q in queries])
+        for q, g, text, reward in zip(queries, gens, texts, rewards):
+            rows.append(EvalSample(q.id, sample_index, text, extract_boxed(text), reward > 0.5,
                                    detector.is_reflective(text), len(g.token_ids)))
 
     summary: dict[str, float] = {"num_problems": float(len(queries))}

@@ -1,13 +1,21 @@
 """Supervised fine-tuning (cold start) on the Megatron actor: loss on assistant (response) tokens only.
 
 Run: ``tapo sft --config recipe.yaml [overrides]``. Data: the arithmetic task's gold solutions (demo), or a JSONL
-of {"prompt": str, "response": str} rows (e.g. from ``tapo coldstart build``), tokenised with the chat template.
+of {"prompt": str, "response": str} rows (e.g. from ``tapo coldstart build``), tokenised with the chat template;
+bad rows (not UTF-8, not JSON, missing/empty/non-string prompt or response) are reported as ``file:line`` and skipped
+or refused by ``data.on_bad_row``. TP/PP come from the ``parallel`` section (the actor's layout).
+
+Batching: right-padded global batches, loss on response tokens only (``collate_sft``). With
+``sft.length_bucketing`` the examples are sorted by length into batches (batch order shuffled), which cuts padding.
+There is no sequence packing: Megatron's local (non-TE) attention spec has no packed-sequence (THD / cu_seqlens)
+support, and packing rows without it would let examples attend to each other.
 The result is a checkpoint that starts an RL run (``checkpoint.pretrained_checkpoint``).
 """
 from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -15,6 +23,7 @@ from tqdm import tqdm
 from tapo_megatron import builders
 from tapo_megatron.algorithms.losses import sft_loss
 from tapo_megatron.config import TrainConfig, to_dict
+from tapo_megatron.data.queries import BadRow, DataError
 from tapo_megatron.logging.tracker import MetricsLogger
 from tapo_megatron.tasks.arithmetic import ArithmeticTask
 from tapo_megatron.training.actor import MegatronActor, has_checkpoint
@@ -25,20 +34,59 @@ def sft_examples(cfg: TrainConfig, tokenizer) -> list[tuple[list[int], list[int]
     n = cfg.sft.global_batch_size * cfg.sft.train_iters
     if not cfg.sft.data_file:
         return ArithmeticTask().sft_examples(n, cfg.seed, reflective_fraction=cfg.sft.reflective_fraction)
-    pairs = []
-    with open(cfg.sft.data_file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    rows, bad = read_sft_rows(cfg.sft.data_file, cfg.data.on_bad_row)
+    if bad:
+        print(f"[sft] skipped {len(bad)} bad row(s) of {cfg.sft.data_file}; first: {bad[0]}", flush=True)
+    if not rows:
+        raise ValueError(f"{cfg.sft.data_file}: no usable SFT rows")
+    return [(tokenizer.chat_prompt_ids(p), tokenizer.encode(r) + [tokenizer.eos_id]) for p, r in rows]
+
+
+def read_sft_rows(path: str, on_error: str = "skip") -> tuple[list[tuple[str, str]], list[BadRow]]:
+    """(prompt, response) texts of a JSONL file and its bad rows; ``on_error="raise"`` raises ``DataError``
+    ("path:line: reason") at the first bad row instead."""
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"data.on_bad_row must be 'skip' or 'raise', got {on_error!r}")
+    rows, bad = [], []
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            reason = None
             try:
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
                 row = json.loads(line)
-                prompt, response = row["prompt"], row["response"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{cfg.sft.data_file}:{line_no}: bad SFT row ({e})") from None
-            pairs.append((tokenizer.chat_prompt_ids(prompt), tokenizer.encode(response) + [tokenizer.eos_id]))
-    if not pairs:
-        raise ValueError(f"{cfg.sft.data_file}: no SFT rows")
-    return pairs
+                if not isinstance(row, dict):
+                    reason = f"expected a JSON object, got {type(row).__name__}"
+                else:
+                    for name in ("prompt", "response"):
+                        if not isinstance(row.get(name), str) or not row[name].strip():
+                            reason = f"field {name!r} must be a non-empty string"
+                            break
+            except UnicodeDecodeError as e:
+                reason = f"not valid UTF-8 (byte {e.start})"
+            except json.JSONDecodeError as e:
+                reason = f"not valid JSON ({e.msg} at column {e.colno})"
+            if reason is not None:
+                if on_error == "raise":
+                    raise DataError(BadRow(Path(path), line_no, reason))
+                bad.append(BadRow(Path(path), line_no, reason))
+                continue
+            rows.append((row["prompt"], row["response"]))
+    return rows, bad
+
+
+def length_buckets(pairs, batch_size: int, seed: int) -> list[list[int]]:
+    """Example indices cut into batches of similar total length, batches in a seeded random order.
+
+    Ties in length keep a seeded random order, so repeated runs give the same batches. The last batch may be short.
+    """
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    order.sort(key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))  # stable: ties stay shuffled
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    random.Random(seed + 1).shuffle(batches)
+    return batches
 
 
 def collate_sft(pairs, pad_id: int) -> dict[str, torch.Tensor]:
@@ -66,12 +114,16 @@ def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
                            wandb_mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
                            resume=actor.iteration > 0) if ctx.is_main else None
     gbs = cfg.sft.global_batch_size
+    buckets = length_buckets(pairs, gbs, cfg.seed) if cfg.sft.length_bucketing else None
     bar = tqdm(range(actor.iteration, cfg.sft.train_iters), desc="sft",
                disable=not (ctx.is_main and cfg.logging.progress_bar))
     for step in bar:
-        start = state["cursor"] % len(pairs)
-        chunk = (pairs[start:] + pairs)[:gbs]
-        state["cursor"] = start + gbs
+        if buckets:  # the step number picks the batch, so a resumed run continues the same sequence
+            chunk = [pairs[i] for i in buckets[step % len(buckets)]]
+        else:
+            start = state["cursor"] % len(pairs)
+            chunk = (pairs[start:] + pairs)[:gbs]
+            state["cursor"] = start + gbs
         tensors = collate_sft(chunk, tokenizer.pad_id)
         num_tokens = float(tensors["loss_mask"].sum())
         result = actor.train_step(tensors, lambda lp, mb: (sft_loss(lp, mb["loss_mask"], num_tokens), {}))

@@ -21,7 +21,7 @@ from tapo_megatron.records import Rollout, SamplingParams
 from tapo_megatron.rewards import get_reward
 from tapo_megatron.training.actor import MegatronActor, has_checkpoint
 from tapo_megatron.training.batch import batch_tensors, collate, fill_policy_tensors, make_policy_loss_fn
-from tapo_megatron.training.weight_sync import sync_weights
+from tapo_megatron.training.weight_sync import check_logprobs, make_weight_sync, probe_tokens
 from tapo_megatron.trajectory.builder import TrajectoryBuilder
 from tapo_megatron.trajectory.constructors import build_constructor
 
@@ -60,6 +60,56 @@ def _broadcast(obj, ctx):
     return box[0]
 
 
+def export_hf(ckpt, cfg: TrainConfig):
+    """Export the Megatron checkpoint ``ckpt`` (an ``iter_<N>`` dir) to ``cfg.checkpoint.export_hf`` (replaced if it
+    exists), with the tokenizer from ``checkpoint.export_tokenizer`` or, when that is empty, ``model.tokenizer`` if
+    it is a folder. Collective: every rank calls it (rank 0 writes, the others wait)."""
+    from pathlib import Path
+
+    from tapo_megatron.convert.cli import mcore_to_hf
+
+    tokenizer_dir = cfg.checkpoint.export_tokenizer or (cfg.model.tokenizer if Path(cfg.model.tokenizer).is_dir()
+                                                        else None)
+    return mcore_to_hf(ckpt, cfg.checkpoint.export_hf, tokenizer_dir=tokenizer_dir, overwrite=True)
+
+
+def build_weight_sync(cfg: TrainConfig, actor, engine):
+    """The transport of ``rollout.weight_sync_mode`` (colocated / distributed / disk), connected."""
+    servers = None
+    if cfg.rollout.weight_sync_mode == "distributed":
+        from tapo_megatron.rollout.sglang import EngineServer
+
+        # Every trainer rank posts to the servers: rank 0 has the engine's; the others address the same URLs.
+        servers = engine.servers if engine is not None else [EngineServer(url=u) for u in cfg.rollout.engine_urls]
+    sync = make_weight_sync(cfg.rollout.weight_sync_mode, actor, engine,
+                            int(cfg.rollout.weight_sync_bucket_mb * 2**20), servers=servers,
+                            disk_root=cfg.rollout.weight_sync_dir,
+                            master_address=cfg.rollout.weight_sync_master_address)
+    sync.connect()
+    return sync
+
+
+def push_weights(weight_sync, cfg: TrainConfig, actor, engine, probes) -> dict:
+    """(6) Sync the actor's weights into the engines as version ``actor.iteration``; optionally verify them."""
+    metrics = weight_sync.sync(actor.iteration).as_metrics()
+    if cfg.rollout.weight_sync_check == "logprobs":
+        metrics["sync/check_max_abs_logprob"] = check_logprobs(actor, engine, probes,
+                                                               cfg.rollout.weight_sync_check_atol)
+    return metrics
+
+
+def upload_curves(logger: MetricsLogger, title: str) -> None:
+    """The run's curves as a PNG next to metrics.jsonl, uploaded to wandb as an image."""
+    from tapo_megatron.logging.plots import plot_curves
+    from tapo_megatron.logging.tracker import read_metrics
+
+    png = plot_curves({logger.path.parent.name: read_metrics(logger.path)},
+                      ["rollout/accuracy", "rollout/reward", "loss", "grad_norm", "rollout/response_length",
+                       "entropy", "approx_kl", "ots_weight_mean", "tapo/num_candidates"],
+                      logger.output_dir / "curves.png", title=title)
+    logger.log_images({"curves": png})
+
+
 def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     shape = builders.model_shape(cfg.model)
@@ -76,8 +126,9 @@ def train(cfg: TrainConfig) -> dict:
     elif cfg.checkpoint.pretrained_checkpoint:
         actor.load_model_weights(cfg.checkpoint.pretrained_checkpoint)
     engine = builders.build_engine(cfg.rollout, shape, cfg.seed) if ctx.is_main else None
-    bucket = int(cfg.rollout.weight_sync_bucket_mb * 2**20)
-    sync_weights(actor, engine, actor.iteration, bucket)
+    weight_sync = build_weight_sync(cfg, actor, engine)
+    probes = probe_tokens(shape.vocab_size) if cfg.rollout.weight_sync_check == "logprobs" else None
+    push_weights(weight_sync, cfg, actor, engine, probes)
     reward_fn = get_reward(cfg.data.reward)
     builder = None  # rollouts, construction and trajectory building happen on rank 0, next to the engine
     if ctx.is_main:
@@ -101,28 +152,32 @@ def train(cfg: TrainConfig) -> dict:
         built = _broadcast(built, ctx)
         metrics = dict(built.metrics)
         if built.trajectories:
-            batch = collate(built.trajectories, tokenizer.pad_id)                                        # (4)
+            batch = collate(built.trajectories, tokenizer.pad_id, cfg.tapo.train_constructed_prefix)       # (4)
             metrics.update(fill_policy_tensors(batch, actor, cfg.tapo))
             result = actor.train_step(batch_tensors(batch), make_policy_loss_fn(batch, cfg.algorithm,
                                                                                  cfg.tapo))           # (5)
             metrics.update(result.metrics, loss=result.loss, grad_norm=result.grad_norm, lr=result.lr)
         else:
             actor.iteration += 1  # nothing carried signal this step: no update, but the step is consumed
-        metrics.update(sync_weights(actor, engine, actor.iteration, bucket))                             # (6)
+        metrics.update(push_weights(weight_sync, cfg, actor, engine, probes))                           # (6)
         metrics.update({"time/rollout": t_rollout, "time/step": time.perf_counter() - t0})
         if ctx.is_main:
             if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0:
                 for name, qs in queries.evals.items():
                     summary = evaluate(engine, qs, reward_fn, tokenizer, n_samples=cfg.data.eval_samples,
-                                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed)
+                                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed,
+                                       detector=builders.reflection_detector(cfg.data))
                     metrics.update({f"eval/{name}/{k}": v for k, v in summary.items()})
             logger.log(step + 1, metrics)
             bar.set_postfix(acc=f"{metrics.get('rollout/accuracy', 0):.2f}", loss=f"{metrics.get('loss', 0):.3f}")
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0:
             actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()})
-    if cfg.checkpoint.save:
-        actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()})
+    final_ckpt = actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()}) if cfg.checkpoint.save else None
+    if final_ckpt is not None and cfg.checkpoint.export_hf:
+        export_hf(final_ckpt, cfg)  # the final checkpoint as an HF directory ready for serving
+    weight_sync.disconnect()
     if logger:
+        upload_curves(logger, cfg.logging.run_name)
         logger.close()
     return {"actor": actor, "engine": engine, "tokenizer": tokenizer, "queries": queries, "reward_fn": reward_fn,
             "ctx": ctx}

@@ -2,10 +2,13 @@
 one rank, or under ``torchrun --nproc_per_node 2``). Exits non-zero on the first failed check.
 
     python tests/_convert_worker.py --work DIR --layouts 1x1
+    python tests/_convert_worker.py --work DIR --streaming
     torchrun --nproc_per_node 2 tests/_convert_worker.py --work DIR --layouts 1x1,2x1,1x2
 
 ``DIR`` must hold ``hf/`` (a tiny random Qwen3 written by ``make_hf_model``, with tokenizer files) and
-``input_ids.pt``. With 2 ranks, layout 1x1 runs as 2 data-parallel replicas.
+``input_ids.pt``. With 2 ranks, layout 1x1 runs as 2 data-parallel replicas. ``--streaming`` (one process)
+compares the streamed ``hf_to_mcore`` checkpoint with Megatron's own ``dist_checkpointing.save`` of the same
+weights and checks that the writer reads the HF tensors chunk by chunk (``check_streaming``).
 """
 from __future__ import annotations
 
@@ -202,14 +205,120 @@ def run(work: Path, layouts: list[tuple[int, int]]) -> None:
     print(f"[rank {dist.get_rank()}] all checks passed", flush=True)
 
 
+def check_streaming(work: Path) -> None:
+    """The streamed checkpoint equals Megatron's own save, and it is written chunk by chunk.
+
+    Reference: a model built at TP=1/PP=1, filled with ``load_hf_weights`` and saved with
+    ``dist_checkpointing.save``. Checked: same tensor keys, global shapes and dtypes, same values; same object
+    keys (``_extra_state``, ``common_state``) and values. Streaming: every read of the HF reader and every chunk
+    written by DCP is logged; between two consecutive chunk writes the reads must belong to the next chunk alone,
+    and never total more bytes than the largest single tensor of a layer (so neither a whole layer stack nor the
+    whole embedding is ever read at once).
+    """
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import filesystem
+    from megatron.core import dist_checkpointing
+
+    from tapo_megatron.convert import HFCheckpointReader, load_hf_weights
+    from tapo_megatron.convert.cli import _read_slices
+    from tapo_megatron.convert.qwen3 import LAYER_SLOTS, ckpt_tensor_shapes
+    from tapo_megatron.models.qwen3 import Qwen3Shape
+
+    hf = work / "hf"
+    shape = Qwen3Shape.from_file(hf / "config.json")
+    ctx = init_parallel(1, 1)
+    model = build_qwen3(shape, ctx, torch.float32)
+    load_hf_weights(model, ctx, HFCheckpointReader(hf))
+    ref_dir = work / "megatron_save"
+    ref_dir.mkdir()
+    dist_checkpointing.save(model.sharded_state_dict(), str(ref_dir))
+    del model
+
+    events: list[tuple[str, str, int]] = []  # ("read", hf name, bytes) | ("write", fqn, bytes)
+    get_item, get_rows, write_item = HFCheckpointReader.__getitem__, HFCheckpointReader.get_rows, filesystem._write_item
+
+    def spy_get(self, name):
+        t = get_item(self, name)
+        events.append(("read", name, t.numel() * t.element_size()))
+        return t
+
+    def spy_rows(self, name, a, b):
+        t = get_rows(self, name, a, b)
+        events.append(("read", f"{name}[{a}:{b}]", t.numel() * t.element_size()))
+        return t
+
+    def spy_write(transforms, stream, data, item, *args):
+        if isinstance(data, torch.Tensor):
+            events.append(("write", item.index.fqn, data.numel() * data.element_size()))
+        return write_item(transforms, stream, data, item, *args)
+
+    HFCheckpointReader.__getitem__, HFCheckpointReader.get_rows, filesystem._write_item = spy_get, spy_rows, spy_write
+    try:
+        hf_to_mcore(hf, work / "streamed")
+    finally:
+        HFCheckpointReader.__getitem__, HFCheckpointReader.get_rows = get_item, get_rows
+        filesystem._write_item = write_item
+
+    got_dir = work / "streamed" / "model"
+    ref_md = dcp.FileSystemReader(str(ref_dir)).read_metadata().state_dict_metadata
+    got_md = dcp.FileSystemReader(str(got_dir)).read_metadata().state_dict_metadata
+    check(sorted(ref_md) == sorted(got_md), f"keys differ from Megatron's save: {sorted(set(ref_md) ^ set(got_md))}")
+    tensor_keys = [k for k, m in ref_md.items() if hasattr(m, "chunks")]
+    check(sorted(tensor_keys) == sorted(ckpt_tensor_shapes(shape)), "Megatron saved tensors the mapping lacks")
+    for key in tensor_keys:
+        check(tuple(ref_md[key].size) == tuple(got_md[key].size)
+              and ref_md[key].properties.dtype == got_md[key].properties.dtype, f"{key}: global shape/dtype differ")
+    ref_t = _read_slices(ref_dir, ref_md, {k: None for k in tensor_keys})
+    got_t = _read_slices(got_dir, got_md, {k: None for k in tensor_keys})
+    for key in tensor_keys:
+        check(torch.equal(ref_t[key], got_t[key]), f"{key}: values differ from Megatron's save")
+    object_keys = [k for k in ref_md if k not in tensor_keys]
+    check(any("_extra_state" in k for k in object_keys) and "common_state/shard_0_1" in object_keys,
+          f"expected _extra_state and common_state objects, got {object_keys}")
+    objs = []
+    for d in (ref_dir, got_dir):
+        sd = {k: io.BytesIO() for k in object_keys}
+        dcp.load(sd, storage_reader=dcp.FileSystemReader(str(d)), no_dist=True)
+        objs.append(sd)
+    check(objs[0] == objs[1], "ShardedObject values differ from Megatron's save")
+
+    layer_bytes = max(torch.Size(s[1:]).numel() * 4 for k, s in ckpt_tensor_shapes(shape).items()
+                      if k.startswith("decoder.layers."))
+    writes = [e for e in events if e[0] == "write"]
+    check(len(writes) == sum(len(m.chunks) for m in got_md.values() if hasattr(m, "chunks")), "unlogged writes")
+    pending: list[tuple[str, str, int]] = []
+    for kind, name, nbytes in events:
+        if kind == "read":
+            pending.append((kind, name, nbytes))
+            continue
+        read_bytes = sum(b for _, _, b in pending)
+        check(read_bytes <= layer_bytes, f"{read_bytes} bytes read before writing a chunk of {name} "
+                                         f"(> {layer_bytes}, the largest layer tensor): not streaming")
+        check(len(pending) <= 3 and len({n.split(".self_attn")[0].split(".mlp")[0] for _, n, _ in pending}) <= 1,
+              f"reads before writing {name} span several tensors/layers: {[n for _, n, _ in pending]}")
+        check(nbytes == read_bytes, f"chunk of {name} ({nbytes} bytes) was not built from just its own reads "
+                                    f"({read_bytes} bytes)")
+        pending = []
+    check(not pending, "HF tensors read after the last write")
+    check(any("[" in n for k, n, _ in events if k == "read"), "the embedding was not read in row blocks")
+    check(len(LAYER_SLOTS) * shape.num_hidden_layers <= len(writes), "fewer chunks than layer slots")
+    print("streaming checks passed", flush=True)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--layouts", default="1x1", help="comma-separated TPxPP layouts, e.g. 1x1,2x1,1x2")
+    parser.add_argument("--streaming", action="store_true", help="run check_streaming (one process) instead")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run(args.work, [tuple(int(x) for x in lay.split("x")) for lay in args.layouts.split(",")])
+    if args.streaming:
+        check_streaming(args.work)
+    else:
+        run(args.work, [tuple(int(x) for x in lay.split("x")) for lay in args.layouts.split(",")])
     dist.barrier() if dist.is_initialized() and dist.get_world_size() > 1 else None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tapo_megatron.convert import ConversionError, HFCheckpointReader, HFShardWriter, hf_to_mcore, mcore_to_hf
+from tapo_megatron.convert.mcore_writer import _row_blocks
 from tapo_megatron.convert.qwen3 import (
     LAYER_SLOTS,
     full_from_hf,
@@ -126,6 +127,37 @@ def test_shard_writer_bounds_shards_and_indexes(tmp_path):
     (reader_dir / "config.json").write_text("{}")
     reader = HFCheckpointReader(reader_dir)
     assert reader.info["big"].shape == (50,) and torch.equal(reader["c"], torch.zeros(10))
+
+
+def test_row_blocks_respect_the_byte_bound():
+    # 10 rows of 4 bytes, at most 12 bytes a block: ceil(40 / 12) = 4 blocks of ceil(10 / 4) = 3 rows.
+    assert _row_blocks(10, 4, 12) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert _row_blocks(5, 4, 1000) == [(0, 5)]
+    assert _row_blocks(3, 100, 10) == [(0, 1), (1, 2), (2, 3)]  # a row larger than the bound: one row a block
+
+
+def test_reader_get_rows_reads_a_row_block(tmp_path):
+    from safetensors.torch import save_file
+
+    t = torch.arange(24.0).reshape(6, 4)
+    save_file({"w": t}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text("{}")
+    reader = HFCheckpointReader(tmp_path)
+    assert torch.equal(reader.get_rows("w", 2, 5), t[2:5])
+    with pytest.raises(ValueError, match="rows 4:7 are out of range for w with 6 rows"):
+        reader.get_rows("w", 4, 7)
+
+
+def test_streaming_checkpoint_equals_megatron_save(tmp_path):
+    """hf_to_mcore writes what Megatron's dist_checkpointing.save writes for the same weights (keys, shapes,
+    dtypes, values, _extra_state and common objects), building each chunk from its own HF reads only: never more
+    than the largest layer tensor read between two chunk writes (the embedding goes in row blocks)."""
+    work = tmp_path
+    make_hf_model(work / "hf", tied=False)
+    proc = subprocess.run([sys.executable, str(WORKER), "--work", str(work), "--streaming"], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    assert "streaming checks passed" in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ Every stage gets only its own section. ``validate()`` names the bad field in its
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    name: str = ""  # checkpoint family, e.g. "Qwen3-8B": picks the entry of a parallelism preset (recipes/h100_*.yaml)
     hf_config: dict = field(default_factory=dict)  # HF Qwen3 config.json values (Qwen3Shape fields)
     hf_config_path: str = ""  # alternative: a config.json or an HF model dir
     tokenizer: str = "arithmetic"  # "arithmetic" (demo) or a local tokenizer dir
@@ -31,6 +34,7 @@ class ModelConfig:
 class DataConfig:
     task: str = "arithmetic"  # "arithmetic" (embedded demo task) or "jsonl" (train_file / eval_files)
     train_file: str = ""  # JSONL with id, problem, answer (DeepScaleR / MATH format)
+    train_files: list = field(default_factory=list)  # more training JSONLs, appended after train_file (e.g. MATH)
     eval_files: list = field(default_factory=list)  # JSONL eval sets (AIME24, AIME25, HMMT25)
     reward: str = "exact"  # reward registry name ("exact", "math") or "pkg.module:function"
     on_bad_row: str = "skip"  # skip | raise
@@ -70,6 +74,21 @@ class RolloutConfig:
     max_new_tokens: int = 48
     num_threads: int = 1  # native engine: torch threads for generation
     weight_sync_bucket_mb: float = 64.0
+    # How weights reach the engines after each step (docs/rollout.md): colocated (in-process engine, or SGLang on
+    # the training GPUs via CUDA IPC) | distributed (separate engine pool, NCCL broadcast) | disk (HF checkpoint).
+    weight_sync_mode: str = "colocated"
+    weight_sync_dir: str = ""  # disk mode: directory shared with the engines (one v<version>/ folder per sync)
+    weight_sync_check: str = "none"  # none | logprobs: after each sync compare probe log-probs actor vs engines
+    weight_sync_check_atol: float = 1e-3  # logprobs check tolerance (fp32 ~1e-5 is typical; bf16 needs ~5e-2)
+    # SGLang engines: connect to running servers (URLs) or launch num_engines servers from engine_model_path.
+    engine_urls: list = field(default_factory=list)
+    num_engines: int = 1
+    engine_model_path: str = ""  # HF folder the launched servers load at start
+    engine_server_args: dict = field(default_factory=dict)  # extra SGLang server flags, e.g. {context-length: 4096}
+    engine_startup_timeout_s: float = 600.0
+    engine_request_timeout_s: float = 600.0
+    engine_max_retries: int = 3  # retries of one generation shard after engine failures (each may restart it)
+    weight_sync_master_address: str = "127.0.0.1"  # distributed: trainer source address reachable from engines
 
 
 @dataclass
@@ -94,6 +113,9 @@ class TapoConfig:
     n_neg: int = 4
     m_max: int = 4
     constructed_coef: float = 1.0  # lambda
+    # Train on the constructed trajectory's sampled prefix too (True: every response token, the spec's reading) or
+    # only on the tokens from the divergence point on (False: the prefix is conditioning).
+    train_constructed_prefix: bool = True
     ots_clip_min: float = 0.01
     ots_clip_max: float = 10.0
     constructed_zero_variance: str = "fixed"  # zero | pool | fixed (see algorithms.advantages)
@@ -113,9 +135,35 @@ class SftConfig:
     train_iters: int = 600
     data_file: str = ""  # JSONL of {"prompt": ..., "response": ...} (cold-start set); empty: the arithmetic task
     reflective_fraction: float = 0.0  # arithmetic task: share of examples with a corrected slip
+    # Sort examples into global batches of similar length (less padding); batch order is still shuffled. This is
+    # length bucketing, not packing: Megatron's local (non-TE) attention has no packed-sequence support, so packing
+    # several examples into one row would let them attend to each other.
+    length_bucketing: bool = False
     # SFT has its own optimizer schedule (the RL one lives in the top-level `optimizer` section).
     optimizer: "OptimizerConfig" = field(default_factory=lambda: OptimizerConfig(lr=2e-3, lr_warmup_iters=30,
                                                                                  lr_decay_iters=1200))
+
+
+@dataclass
+class ColdStartConfig:
+    """``tapo coldstart build``: K rollouts per query (rollout section), offline ZPD filter, policy construction
+    (tapo section: m_max, template, min_prefix_match, construction sampling), then three JSONL outputs."""
+
+    query_files: list = field(default_factory=list)  # JSONL query files (DeepScaleR, MATH, or the user's own)
+    model_path: str = ""  # HF dir or Megatron checkpoint that samples and constructs; empty: random init (tests)
+    model_name: str = ""  # provenance; empty: model_path (or "random-init")
+    model_version: str = ""  # provenance; empty: checkpoint iteration or a hash of the weight files
+    output_dir: str = "runs/coldstart"
+    max_queries: int = 0  # 0: every query of every file
+    chunk_size: int = 64  # queries per resumable unit (outputs are committed chunk by chunk)
+    zpd_low: float = 0.125  # offline ZPD filter: keep queries whose accuracy over K samples is in [low, high]
+    zpd_high: float = 0.875
+    num_reflection_examples: int = 30000  # construction-task + micro-reflective rows (paper: 30k)
+    construction_task_fraction: float = 0.5  # share of the reflection rows that are construction-task examples
+    num_instruction_examples: int = 15000  # tag-format + answer-format rows (paper: 15k)
+    instruction_tag_fraction: float = 0.5  # share of the instruction rows that teach the tag format
+    require_correct: bool = True  # keep only constructions whose spliced trajectory the verifier accepts
+    instruction_template: str = ""  # tag-format prompt template; empty: the packaged default
 
 
 @dataclass
@@ -124,6 +172,8 @@ class CheckpointConfig:
     load: str = ""  # directory to resume from; empty: fresh start (or `save` if it holds a checkpoint)
     save_interval: int = 0  # steps; 0: only at the end
     pretrained_checkpoint: str = ""  # weights-only start (e.g. the cold-start SFT checkpoint); fresh optimizer
+    export_hf: str = ""  # directory: at the end of train(), the final checkpoint is exported here as an HF model
+    export_tokenizer: str = ""  # tokenizer/generation-config folder copied into export_hf; empty: model.tokenizer
 
 
 @dataclass
@@ -133,6 +183,24 @@ class LoggingConfig:
     wandb_mode: str = "auto"  # auto (online if WANDB_API_KEY is set, else offline) | offline | online | disabled
     run_name: str = ""
     progress_bar: bool = True
+
+
+@dataclass
+class LaunchConfig:
+    """How a run is placed on a cluster; read by ``tapo plan`` and ``launch/experiment.py``, not by the trainer.
+
+    colocated: the rollout engines share the trainer's GPUs (one engine per ``engine_tp`` GPUs of the job);
+    separate: the first ``engine_nodes`` nodes form the engine pool and the rest run the trainer ranks.
+    """
+
+    engine_placement: str = "colocated"  # colocated | separate
+    engine_nodes: int = 0  # separate: nodes given to the engine pool
+    engine_tp: int = 1  # GPUs per rollout engine (SGLang --tp)
+    engine_port: int = 30000  # separate: first SGLang server port on each engine node
+    engine_mem_fraction: float = 0.85  # separate: SGLang --mem-fraction-static (colocated: planned from what is left)
+    max_prompt_tokens: int = 1024  # planner: longest prompt (tokens) for activation and KV-cache sizing
+    gpu_memory_gb: float = 80.0  # planner: usable memory per GPU (H100 80GB)
+    reserved_gb: float = 4.0  # planner: CUDA context, NCCL buffers, allocator fragmentation per GPU
 
 
 @dataclass
@@ -148,8 +216,10 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     tapo: TapoConfig = field(default_factory=TapoConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    coldstart: ColdStartConfig = field(default_factory=ColdStartConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def validate(self) -> "TrainConfig":
         if self.rollout.n_samples_per_prompt < 2:
@@ -160,6 +230,20 @@ class TrainConfig:
             raise ConfigError("data.train_file is required when data.task is 'jsonl'")
         if self.rollout.engine not in ("native", "sglang"):
             raise ConfigError(f"rollout.engine={self.rollout.engine!r}: expected 'native' or 'sglang'")
+        if self.rollout.weight_sync_mode not in ("colocated", "distributed", "disk"):
+            raise ConfigError(f"rollout.weight_sync_mode={self.rollout.weight_sync_mode!r}: expected colocated, "
+                              f"distributed or disk")
+        if self.rollout.weight_sync_mode == "disk" and not self.rollout.weight_sync_dir:
+            raise ConfigError("rollout.weight_sync_dir is required when rollout.weight_sync_mode is 'disk'")
+        if self.rollout.weight_sync_mode == "distributed" and self.rollout.engine != "sglang":
+            raise ConfigError("rollout.weight_sync_mode='distributed' needs rollout.engine='sglang' (engines in "
+                              "their own processes)")
+        if self.rollout.weight_sync_check not in ("none", "logprobs"):
+            raise ConfigError(f"rollout.weight_sync_check={self.rollout.weight_sync_check!r}: expected none or "
+                              f"logprobs")
+        if self.rollout.engine == "sglang" and not self.rollout.engine_urls and not self.rollout.engine_model_path:
+            raise ConfigError("rollout.engine='sglang' needs rollout.engine_urls (running servers) or "
+                              "rollout.engine_model_path (servers to launch)")
         if self.model.params_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.params_dtype={self.model.params_dtype!r}: expected 'float32' or 'bfloat16'")
         if self.model.kernel_backend not in ("auto", "triton", "torch"):
@@ -175,6 +259,16 @@ class TrainConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"):
             if getattr(self.parallel, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
+        if self.checkpoint.export_hf and not self.checkpoint.save:
+            raise ConfigError("checkpoint.export_hf needs checkpoint.save: the export is made from the final checkpoint")
+        if self.launch.engine_placement not in ("colocated", "separate"):
+            raise ConfigError(f"launch.engine_placement={self.launch.engine_placement!r}: expected colocated or separate")
+        if self.launch.engine_placement == "separate" and self.launch.engine_nodes < 1:
+            raise ConfigError("launch.engine_nodes must be >= 1 when launch.engine_placement is 'separate'")
+        if self.launch.engine_tp < 1:
+            raise ConfigError("launch.engine_tp must be >= 1")
+        if not 0.0 < self.launch.engine_mem_fraction < 1.0:
+            raise ConfigError(f"launch.engine_mem_fraction={self.launch.engine_mem_fraction}: expected in (0, 1)")
         return self
 
 
@@ -252,8 +346,41 @@ def apply_overrides(cfg, overrides: list[str]):
     return cfg
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(cfg):
+    """Replace ``${VAR}`` in every string (and list-of-string) field with the environment's value, in place.
+
+    Recipes name data and checkpoint locations through variables so one file serves a laptop, a container and a
+    cluster: ``${TAPO_SHARED_DATA}`` defaults to ``paths.shared_data_dir()``; other unset variables are left as
+    written, so the error that follows names the path that still reads ``${VAR}``.
+    """
+    def sub(text: str) -> str:
+        def one(m):
+            name = m.group(1)
+            if name in os.environ:
+                return os.environ[name]
+            if name == "TAPO_SHARED_DATA":
+                from tapo_megatron.paths import shared_data_dir
+
+                return str(shared_data_dir())
+            return m.group(0)
+        return _ENV_REF.sub(one, text)
+
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            expand_env(value)
+        elif isinstance(value, str) and "${" in value:
+            setattr(cfg, f.name, sub(value))
+        elif isinstance(value, list):
+            setattr(cfg, f.name, [sub(v) if isinstance(v, str) else v for v in value])
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=TrainConfig):
-    """Load a YAML recipe (or defaults), apply overrides, validate."""
+    """Load a YAML recipe (or defaults), apply overrides, expand ``${VAR}`` references, validate."""
     data = {}
     if path:
         path = Path(path)
@@ -262,4 +389,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), cls=T
         data = yaml.safe_load(path.read_text()) or {}
     cfg = from_dict(cls, data)
     apply_overrides(cfg, list(overrides))
+    expand_env(cfg)
     return cfg.validate() if hasattr(cfg, "validate") else cfg

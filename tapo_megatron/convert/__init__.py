@@ -3,6 +3,7 @@
 * ``qwen3``: the name/layout mapping (one place), ``export_hf_weights`` (Megatron stage -> HF-named buckets) and
   ``load_hf_weights`` (HF tensors -> this rank's Megatron shard).
 * ``hf_io``: streaming safetensors reading/writing and tokenizer/generation-config copying.
+* ``mcore_writer``: writes a Megatron torch_dist checkpoint chunk by chunk from HF shards, without a model.
 * ``cli``: ``hf_to_mcore`` / ``mcore_to_hf`` (the ``tapo convert`` subcommands call these).
 """
 from tapo_megatron.convert.cli import hf_to_mcore, load_mcore_checkpoint, mcore_to_hf, read_ckpt_shape

@@ -9,10 +9,12 @@ Megatron-side format (the actor's checkpoint format, so either loads into the ot
 A distributed checkpoint stores global tensors, so it loads at any TP/PP (``load_mcore_checkpoint``), whatever
 layout wrote it.
 
-* ``hf_to_mcore(hf_dir, out, tp, pp)``: run as one process (tp = pp = 1) or under
-  ``torchrun --nproc_per_node N`` with N a multiple of tp * pp. Each rank builds its stage, reads only the HF
-  tensors that stage needs (lazily, one at a time) and the stages save together. Peak memory per rank is its
-  stage plus one layer's HF tensors: split a large model over more PP ranks to bound it.
+* ``hf_to_mcore(hf_dir, out, tp, pp)``: streams without building the model (``mcore_writer``): the checkpoint is
+  written with torch DCP chunk by chunk (a layer's row of each stacked tensor, or a layer-sized block of
+  embedding rows), each chunk built from the HF shards when the writer asks for it, so memory is one layer plus
+  the open HF shard's mapped pages. ``tp``/``pp`` are the layout the checkpoint is meant for and are checked
+  against the model (heads, KV groups, layers, vocab); the checkpoint itself does not depend on them. Runs as one
+  process, or under ``torchrun`` (world size a multiple of tp * pp), where the ranks share the layers.
 * ``mcore_to_hf(ckpt, out)``: streams without building a model. For each layer it loads just that layer's slices
   of the stacked checkpoint tensors, maps them to HF names and hands them to a shard writer that flushes a
   safetensors shard whenever it fills, so memory is one shard plus one layer. Under torchrun, rank 0 does the work.
@@ -51,12 +53,11 @@ from tapo_megatron.convert.qwen3 import (
     LAYER_SLOTS,
     OUTPUT,
     check_hf_tensors,
+    ckpt_tensor_shapes,
     full_to_hf,
     hf_layer_prefix,
-    load_hf_weights,
-    stage_items,
 )
-from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3, check_parallel
+from tapo_megatron.models.qwen3 import Qwen3Shape, check_parallel
 from tapo_megatron.parallel import check_layout
 
 MODEL_SUBDIR = "model"
@@ -75,7 +76,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _progress(total: int, desc: str):
+def _progress(total: int | None, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", disable=_rank() != 0, leave=False)
@@ -111,13 +112,16 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
                 overwrite: bool = False, seed: int = 1234) -> Path:
     """Convert an HF Qwen3 directory into a Megatron distributed checkpoint at ``out``; returns ``out``.
 
-    ``tp``/``pp``: the layout the conversion runs with (world size must be a multiple of tp * pp; a single process
-    means tp = pp = 1). The checkpoint itself loads at any layout. ``dtype``: parameter dtype (default: the HF
-    tensors' dtype, so the round trip is bit-exact). Raises ``ConversionError`` for config/tensor mismatches,
+    Streams: no model is built (only a tiny-width copy to read the keys ``sharded_state_dict()`` saves); each
+    checkpoint chunk is made from the HF tensors when it is written, so peak memory is about one layer plus the
+    open HF shard, whatever the model size. ``tp``/``pp``: the layout the checkpoint is meant for, checked against
+    the model; the checkpoint loads at any layout. In one process any ``tp``/``pp`` that divides the model is
+    accepted; under ``torchrun`` the world size must be a multiple of tp * pp and the ranks write disjoint layers.
+    ``dtype``: stored dtype (default: the HF tensors' dtype, so the round trip is bit-exact). ``seed``: seeds the
+    process-group set-up (no weights are random). Raises ``ConversionError`` for config/tensor mismatches,
     missing/extra keys and truncated files, ``ParallelConfigError`` when tp does not divide heads/KV groups.
     """
-    from megatron.core import dist_checkpointing
-
+    from tapo_megatron.convert.mcore_writer import probe_megatron_layout, write_mcore_checkpoint
     from tapo_megatron.parallel import init_parallel
 
     hf_dir, out = Path(hf_dir), Path(out)
@@ -128,20 +132,27 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
     check_hf_tensors(shape, {k: v.shape for k, v in reader.info.items()}, source=f"HF checkpoint {hf_dir}")
     check_parallel(shape, tp, pp)  # names the field tp/pp does not divide (heads, KV groups, layers, vocab)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    check_layout(world, tp, pp)  # before any process group exists: e.g. tp=2 asked of a single process
-    ctx = init_parallel(tp, pp, seed=seed)
+    if world > 1:
+        check_layout(world, tp, pp)  # before any process group exists
+        ctx = init_parallel(tp, pp, seed=seed)
+    else:
+        ctx = init_parallel(1, 1, seed=seed)  # one process: the layout only shapes the key probe, which is TP-free
     dtype = dtype or reader.dtype
-    model = build_qwen3(shape, ctx, dtype)
-    bar = _progress(len(stage_items(model)), f"hf->mcore stage {ctx.pp_rank}")
-    load_hf_weights(model, ctx, reader, progress=bar.update)
-    bar.close()
-    reader.close()
+    layout = probe_megatron_layout(shape, ctx)
 
     tmp = _start_atomic(out, overwrite)
     if _rank() == 0:
         (tmp / MODEL_SUBDIR).mkdir()
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / MODEL_SUBDIR))
+    bar = _progress(None, "hf->mcore")
+
+    def progress(desc: str) -> None:  # one call per written layer / embedding block
+        bar.set_postfix_str(desc, refresh=False)
+        bar.update(1)
+
+    units = write_mcore_checkpoint(reader, shape, layout, tmp / MODEL_SUBDIR, dtype, progress=progress)
+    bar.close()
+    reader.close()
     if _rank() == 0:
         # The original config (bos/eos ids etc. kept), with the fields HF may leave implicit written out.
         config = dict(reader.config)
@@ -151,7 +162,8 @@ def hf_to_mcore(hf_dir: str | Path, out: str | Path, tp: int = 1, pp: int = 1, d
         copy_hf_assets(hf_dir, tmp / ASSETS_SUBDIR)
     _finish_atomic(tmp, out)
     if _rank() == 0:
-        print(f"hf_to_mcore: {hf_dir} -> {out} (tp={tp}, pp={pp}, {dtype}) in {time.perf_counter() - t0:.1f} s")
+        print(f"hf_to_mcore: {hf_dir} -> {out} (for tp={tp}, pp={pp}, {dtype}; {units} chunk groups on rank 0) "
+              f"in {time.perf_counter() - t0:.1f} s")
     return out
 
 
@@ -182,15 +194,7 @@ def _check_ckpt_metadata(shape: Qwen3Shape, metadata: dict, model_dir: Path) -> 
 
     ``metadata``: DCP ``state_dict_metadata`` (key -> TensorStorageMetadata with global ``size``).
     """
-    h, d, i_, v, L = (shape.hidden_size, shape.head_dim, shape.intermediate_size, shape.vocab_size,
-                      shape.num_hidden_layers)
-    nq, ng = shape.num_attention_heads, shape.num_key_value_heads
-    per_layer = dict(zip([s.ckpt_key for s in LAYER_SLOTS], [
-        (h,), ((nq + 2 * ng) * d, h), (d,), (d,), (h, nq * d), (h,), (2 * i_, h), (h, i_)]))
-    expected = {EMBEDDING.ckpt_key: (v, h), FINAL_NORM.ckpt_key: (h,)}
-    expected.update({k: (L, *s) for k, s in per_layer.items()})
-    if not shape.tie_word_embeddings:
-        expected[OUTPUT.ckpt_key] = (v, h)
+    expected = ckpt_tensor_shapes(shape)
     tensors = {k: m for k, m in metadata.items() if hasattr(m, "chunks")}  # skip _extra_state / common bytes
     for key, want in expected.items():
         if key not in tensors:

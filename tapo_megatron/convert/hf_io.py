@@ -3,7 +3,7 @@
 * ``HFCheckpointReader(hf_dir)`` is a read-only ``Mapping[str, Tensor]`` over an HF model directory
   (``model.safetensors`` or ``model-*.safetensors`` + ``model.safetensors.index.json``). Opening it reads only the
   safetensors headers (names, shapes, dtypes); ``reader[name]`` materialises one tensor. Truncated or corrupt files
-  are reported with the file name when the reader opens.
+  are reported with the file name when the reader opens. ``reader.get_rows(name, a, b)`` reads a block of rows.
 * ``HFShardWriter(out_dir, max_shard_bytes)`` takes tensors one at a time and writes a shard as soon as the next
   tensor would overflow it, so at most one shard is held in memory; ``close()`` names the shards
   ``model-0000k-of-0000n.safetensors`` and writes ``model.safetensors.index.json``.
@@ -115,7 +115,7 @@ class HFCheckpointReader(Mapping):
         self._handle = None
         self._handle_file: str | None = None
 
-    def __getitem__(self, name: str) -> torch.Tensor:
+    def _handle_for(self, name: str):
         info = self.info.get(name)
         if info is None:
             raise KeyError(f"tensor {name} is not in the HF checkpoint {self.dir}")
@@ -123,7 +123,17 @@ class HFCheckpointReader(Mapping):
             self.close()
             self._handle = _open(self.dir / info.file).__enter__()
             self._handle_file = info.file
-        return self._handle.get_tensor(name)
+        return self._handle
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._handle_for(name).get_tensor(name)
+
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of tensor ``name`` (leading axis), reading only those bytes."""
+        rows = self.info[name].shape[0] if name in self.info else None
+        if rows is not None and not 0 <= start < stop <= rows:
+            raise ValueError(f"rows {start}:{stop} are out of range for {name} with {rows} rows")
+        return self._handle_for(name).get_slice(name)[start:stop]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.info)

@@ -120,6 +120,25 @@ def hf_shapes(shape: Qwen3Shape) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def ckpt_tensor_shapes(shape: Qwen3Shape) -> dict[str, tuple[int, ...]]:
+    """Every tensor key of a Megatron distributed checkpoint of this shape, with its global (TP=1) shape.
+
+    Layer parameters are stacked over a leading ``num_hidden_layers`` axis; ``output_layer.weight`` exists only
+    when the embeddings are untied (a tied last stage saves its copy under the embedding's key, as a replica).
+    """
+    h, d, i_, v, L = (shape.hidden_size, shape.head_dim, shape.intermediate_size, shape.vocab_size,
+                      shape.num_hidden_layers)
+    nq, ng = shape.num_attention_heads, shape.num_key_value_heads
+    per_layer = dict(zip([s.ckpt_key for s in LAYER_SLOTS], [
+        (h,), ((nq + 2 * ng) * d, h), (d,), (d,), (h, nq * d), (h,), (2 * i_, h), (h, i_)]))
+    out = {EMBEDDING.ckpt_key: (v, h)}
+    out.update({k: (L, *s) for k, s in per_layer.items()})
+    out[FINAL_NORM.ckpt_key] = (h,)
+    if not shape.tie_word_embeddings:
+        out[OUTPUT.ckpt_key] = (v, h)
+    return out
+
+
 def check_hf_tensors(shape: Qwen3Shape, available: Mapping[str, tuple[int, ...]], source: str = "HF checkpoint",
                      needed: set[str] | None = None) -> None:
     """Refuse tensors that do not match the config: missing, extra or wrongly shaped keys, each named.

@@ -106,6 +106,7 @@ def load_queries(
     tokenizer: Tokenizer | None = None,
     prompt_builder: PromptBuilder | None = None,
     limit: int | None = None,
+    answer_check: Callable[[str], str | None] | None = None,
 ) -> QueryFile:
     """Read a JSONL problem file into Queries.
 
@@ -118,6 +119,8 @@ def load_queries(
             neither, ``prompt_ids`` stays empty.
         limit: keep only the first ``limit`` good rows. The whole file is still validated, so bad rows and
             duplicate ids anywhere in it are reported.
+        answer_check: gold answer -> None if usable, else the reason it is not (e.g. the math verifier cannot
+            parse it); a row whose answer fails is a bad row like any other.
 
     Row fields: ``id`` (string or integer; absent -> ``"<file stem>-<line>"``), ``source`` (absent -> file stem),
     ``solution`` (kept in ``QueryFile.solutions``); numeric answers become strings; other fields are ignored.
@@ -171,6 +174,9 @@ def load_queries(
                     raise ValueError("empty field 'id'")
                 source = _text_field(obj, "source", required=False) or path.stem
                 solution = _text_field(obj, "solution", required=False)
+                problem_with_answer = answer_check(answer) if answer_check is not None and answer else None
+                if problem_with_answer:
+                    raise ValueError(f"gold answer {answer!r}: {problem_with_answer}")
             except ValueError as e:
                 reject(line_no, str(e))
                 continue

@@ -12,11 +12,13 @@ from tapo_megatron.paths import REPO_ROOT
 
 
 def git_commit() -> str:
+    """HEAD of the checkout; in the container (no .git) the commit baked in at build time ($TAPO_GIT_COMMIT)."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return ""
+        head = ""
+    return head or os.environ.get("TAPO_GIT_COMMIT", "")
 
 
 def resolve_wandb_mode(mode: str) -> str:

@@ -14,7 +14,14 @@ from tapo_megatron.config import AlgorithmConfig, TapoConfig
 from tapo_megatron.records import Provenance, TrainBatch, Trajectory, TrajectoryKind
 
 
-def collate(trajectories: list[Trajectory], pad_id: int) -> TrainBatch:
+def collate(trajectories: list[Trajectory], pad_id: int, train_constructed_prefix: bool = True) -> TrainBatch:
+    """Right-pad trajectories into a TrainBatch.
+
+    ``train_constructed_prefix=False`` keeps a constructed trajectory's SAMPLED prefix (the wrong rollout's own
+    tokens up to the divergence point) as conditioning only: it gets no loss, so a positive constructed advantage
+    does not reinforce the slip itself (the same tokens already appear, with their own advantage, in the wrong
+    original). True (the spec's reading) trains every response token of the constructed trajectory.
+    """
     if not trajectories:
         raise ValueError("collate: no trajectories to train on")
     seq_len = max(len(t.prompt_ids) + len(t.response_ids) for t in trajectories)
@@ -28,6 +35,9 @@ def collate(trajectories: list[Trajectory], pad_id: int) -> TrainBatch:
         p, r = len(t.prompt_ids), len(t.response_ids)
         tokens[i, :p + r] = torch.tensor(t.prompt_ids + t.response_ids)
         loss_mask[i, p:p + r] = 1.0
+        if not train_constructed_prefix and t.kind == TrajectoryKind.CONSTRUCTED:
+            prefix = sum(1 for x in t.provenance if x == Provenance.SAMPLED)
+            loss_mask[i, p:p + prefix] = 0.0
         advantages[i, p:p + r] = t.advantage
         provenance[i, p:p + r] = torch.tensor([int(x) for x in t.provenance])
         if t.engine_logprobs is not None:

@@ -1,0 +1,1 @@
+"""NeMo-Run launch entry point (``launch/experiment.py``); see launch/README.md."""

@@ -1,0 +1,116 @@
+"""``tapo bench sync``: seconds per weight sync and GB/s for a model shape, bucketed vs per-tensor, in one run.
+
+    tapo bench sync [--preset Qwen3-0.6B | --hf-config config.json | (default: a 37 M-param Qwen3 shape)]
+                    [--mode distributed|colocated] [--bucket-mb 64] [--repeats 3] [--dtype float32|bfloat16]
+
+What runs: a single-rank Megatron actor of the shape (random weights) and an engine with the same shape -
+``distributed``: a native engine server in another process, fed by ``DistributedWeightSync`` over gloo on CPU
+(NCCL on GPU; the engine is still the native server, so this measures the trainer-side transport and protocol);
+``colocated``: an in-process native engine fed by ``TensorWeightSync``. Each repeat runs one bucketed sync
+(``--bucket-mb``) and one per-tensor sync (each tensor its own bucket: one announcement + broadcast per tensor),
+alternating, so both see the same machine load. Prints the median seconds, GB/s and the ratio, one JSON line each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+# A mid-size default that fits a 2-core CPU machine: 34 M parameters (134 MB in fp32), 8 layers.
+DEFAULT_SHAPE = {"vocab_size": 8192, "hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8,
+                 "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "rope_theta": 1e6,
+                 "tie_word_embeddings": False, "max_position_embeddings": 2048}
+
+
+def run(shape_cfg: dict, mode: str, bucket_bytes: int, repeats: int, dtype: str) -> list[dict]:
+    """Measure both strategies; returns one result dict per strategy (also printed)."""
+    from tapo_megatron.config import OptimizerConfig, ParallelConfig
+    from tapo_megatron.models.qwen3 import Qwen3Shape
+    from tapo_megatron.parallel import init_parallel
+    from tapo_megatron.rollout.native import NativeEngine
+    from tapo_megatron.rollout.sglang import SGLangEngine, ServerLaunch, native_server_argv
+    from tapo_megatron.training.actor import MegatronActor
+    from tapo_megatron.training.weight_sync import TensorWeightSync
+    from tapo_megatron.training.weight_sync.distributed import DistributedWeightSync
+
+    shape = Qwen3Shape.from_hf(shape_cfg)
+    ctx = init_parallel(1, 1, seed=0)
+    actor = MegatronActor(shape, ctx, OptimizerConfig(), ParallelConfig(micro_batch_size=1))
+    if dtype == "bfloat16":
+        actor.module.to(torch.bfloat16)
+    engine = None
+    tmp = tempfile.TemporaryDirectory(prefix="tapo_bench_sync_")
+    try:
+        if mode == "distributed":
+            model_dir = Path(tmp.name) / "model"
+            model_dir.mkdir()
+            (model_dir / "config.json").write_text(json.dumps(shape.to_hf()))
+            engine = SGLangEngine.launch([ServerLaunch(argv=native_server_argv(str(model_dir),
+                                                                               extra=["--dtype", dtype]),
+                                                       env={"OMP_NUM_THREADS": "1"}, log_dir=tmp.name)],
+                                         startup_timeout_s=300)
+            syncs = {name: DistributedWeightSync(actor.module, ctx, engine.servers, b, engine=engine)
+                     for name, b in (("bucketed", bucket_bytes), ("per_tensor", 1))}
+            syncs["bucketed"].connect()
+            syncs["per_tensor"]._group = syncs["bucketed"]._group  # one group serves both
+        else:
+            engine = NativeEngine(shape.to_hf(), dtype=getattr(torch, dtype))
+            syncs = {name: TensorWeightSync(actor.module, ctx, engine, b)
+                     for name, b in (("bucketed", bucket_bytes), ("per_tensor", 1))}
+        samples: dict[str, list] = {name: [] for name in syncs}
+        version = 0
+        for _ in range(repeats):
+            for name, sync in syncs.items():
+                version += 1
+                samples[name].append(sync.sync(version))
+        results = []
+        for name, stats in samples.items():
+            seconds = statistics.median(s.seconds for s in stats)
+            nbytes = stats[0].bytes
+            results.append({"strategy": name, "mode": mode, "dtype": dtype, "params": shape.num_parameters(),
+                            "gb": round(nbytes / 1e9, 4), "buckets": len(stats[0].bucket_bytes),
+                            "seconds_per_sync": round(seconds, 4), "gb_per_s": round(nbytes / 1e9 / seconds, 4)})
+        results.append({"speedup_bucketed_vs_per_tensor":
+                        round(results[1]["seconds_per_sync"] / results[0]["seconds_per_sync"], 2)})
+        for r in results:
+            print(json.dumps(r))
+        if mode == "distributed":
+            syncs["bucketed"].disconnect()
+        return results
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        tmp.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="tapo bench sync", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", help="a Qwen3 preset from shared data (e.g. Qwen3-0.6B)")
+    source.add_argument("--hf-config", help="an HF config.json")
+    parser.add_argument("--mode", choices=["distributed", "colocated"], default="distributed")
+    parser.add_argument("--bucket-mb", type=float, default=64.0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    args = parser.parse_args(argv)
+    if args.preset:
+        from tapo_megatron.models.hf_config import qwen3_preset
+
+        shape_cfg = qwen3_preset(args.preset)
+    elif args.hf_config:
+        shape_cfg = json.loads(Path(args.hf_config).read_text())
+    else:
+        shape_cfg = dict(DEFAULT_SHAPE)
+    if args.repeats < 1 or args.bucket_mb <= 0:
+        raise ValueError("--repeats must be >= 1 and --bucket-mb > 0")
+    torch.set_num_threads(1)
+    run(shape_cfg, args.mode, int(args.bucket_mb * 2**20), args.repeats, args.dtype)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

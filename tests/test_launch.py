@@ -1,0 +1,129 @@
+"""NeMo-Run launch: the local executor really runs the tiny recipe under torchrun (2 processes); the Slurm and
+Docker dry-runs carry the layout, image, mounts, environment and the trainer / engine commands."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from launch import experiment as ex  # noqa: E402
+
+IMAGE = "registry.example.com/tapo-megatron:0.1"
+
+
+@pytest.fixture(autouse=True)
+def _no_stdin(monkeypatch):
+    # NeMo-Run's local tunnel runs shell commands through invoke, which reads stdin; pytest forbids that.
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+
+
+def _slurm_args(tmp_path, recipe, preset, *extra):
+    return ex.parse_args(["slurm", "--recipe", recipe, "--preset", preset, "--account", "acct", "--partition",
+                          "batch", "--container-image", IMAGE, "--data-dir", "/lustre/tapo/data", "--models-dir",
+                          "/lustre/tapo/models", "--runs-dir", str(tmp_path / "runs"), "--mount",
+                          "/lustre/home:/home", "--dryrun", *extra])
+
+
+def _render(args):
+    exp, role = ex.build(args)
+    return ex.render_dryrun(exp, role), role
+
+
+def test_slurm_dryrun_separate_engine_pool(tmp_path):
+    text, role = _render(_slurm_args(tmp_path, "qwen3_8b_tapo", "h100_4x8"))
+    sbatch = text.split("# ---- role script ----")[0]
+    assert "#SBATCH --nodes=4" in sbatch and "#SBATCH --gpus-per-node=8" in sbatch
+    assert "#SBATCH --ntasks-per-node=1" in sbatch and "#SBATCH --account=acct" in sbatch
+    assert "#SBATCH --partition=batch" in sbatch
+    assert f"--container-image {IMAGE}" in sbatch
+    mounts = re.search(r"--container-mounts (\S+)", sbatch).group(1).split(",")
+    assert {"/lustre/tapo/data:/data", "/lustre/tapo/models:/models", f"{tmp_path}/runs:/runs",
+            "/lustre/home:/home"} <= set(mounts)
+    for line in ("export NCCL_DEBUG=WARN", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1", "export WANDB_PROJECT=tapo-megatron",
+                 "export WANDB_NAME=qwen3_8b_tapo", f"export TAPO_CONTAINER_IMAGE={IMAGE}", "export TAPO_RUNS=/runs",
+                 "export CUDA_DEVICE_MAX_CONNECTIONS=1"):
+        assert line in sbatch, line
+    # the wandb key is passed by name only, never written into the script
+    assert "--container-env WANDB_API_KEY" in sbatch and "WANDB_API_KEY=" not in text
+    # engine pool: nodes 0-1, 4 servers of TP 2 per node on disjoint GPUs and ports
+    assert "ENGINE_NODES=2" in role
+    servers = re.findall(r"CUDA_VISIBLE_DEVICES=(\S+) python -m sglang.launch_server --model-path (\S+) --tp-size 2 "
+                         r"--host 0.0.0.0 --port (\d+)", role)
+    assert servers == [("0,1", "${TAPO_MODELS}/Qwen3-8B", "30000"), ("2,3", "${TAPO_MODELS}/Qwen3-8B", "30001"),
+                       ("4,5", "${TAPO_MODELS}/Qwen3-8B", "30002"), ("6,7", "${TAPO_MODELS}/Qwen3-8B", "30003")]
+    # trainer: the other 2 nodes, 8 ranks each, rendezvous on the first trainer node
+    assert ("torchrun --nnodes=2 --nproc-per-node=8 --node-rank=$((SLURM_NODEID - ENGINE_NODES)) "
+            "--master-addr=${nodes[ENGINE_NODES]} --master-port=29500 -m tapo_megatron.cli train "
+            "--config ${TAPO_RUNS}/qwen3_8b_tapo/config.yaml") in role
+    assert "export TAPO_ENGINE_URLS=" in role
+    assert '"rollout.engine_urls=[$TAPO_ENGINE_URLS]" rollout.weight_sync_master_address=${nodes[ENGINE_NODES]}' in role
+    # the embedded config is the resolved recipe + preset, ${VAR}s unexpanded
+    body = role.split("<<'TAPO_CONFIG_EOF'\n")[1].split("\nTAPO_CONFIG_EOF")[0]
+    cfg = yaml.safe_load(body)
+    assert cfg["parallel"]["tensor_model_parallel_size"] == 2 and cfg["launch"]["engine_placement"] == "separate"
+    assert cfg["rollout"]["weight_sync_mode"] == "distributed" and cfg["rollout"]["num_engines"] == 8
+    assert cfg["tapo"]["enabled"] is True and cfg["train_iters"] == 500
+    assert cfg["data"]["train_file"] == "${TAPO_SHARED_DATA}/deepscaler_sample.jsonl"
+
+
+def test_slurm_dryrun_colocated_overrides(tmp_path):
+    text, role = _render(_slurm_args(tmp_path, "qwen3_0_6b_grpo", "h100_1x8", "train_iters=7"))
+    assert "#SBATCH --nodes=1" in text and "sglang.launch_server" not in role
+    assert ("torchrun --nnodes=1 --nproc-per-node=8 --node-rank=$SLURM_NODEID --master-addr=${nodes[0]} "
+            "--master-port=29500 -m tapo_megatron.cli train") in role
+    body = role.split("<<'TAPO_CONFIG_EOF'\n")[1].split("\nTAPO_CONFIG_EOF")[0]
+    assert yaml.safe_load(body)["train_iters"] == 7
+
+
+def test_docker_dryrun(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-123")
+    args = ex.parse_args(["docker", "--recipe", "qwen3_1_7b_tapo", "--preset", "h100_1x8", "--container-image", IMAGE,
+                          "--data-dir", "/srv/data", "--models-dir", "/srv/models", "--runs-dir", "/srv/runs",
+                          "--dryrun"])
+    text, role = _render(args)
+    cmd = text.split("# ---- role script ----")[0]
+    assert cmd.startswith("docker run --rm --runtime nvidia --gpus 8 --ipc host")
+    for part in ("-v /srv/data:/data", "-v /srv/models:/models", "-v /srv/runs:/runs", f" {IMAGE} ",
+                 "-e NCCL_DEBUG=WARN", "-e 'WANDB_API_KEY=***'", f"-e TAPO_CONTAINER_IMAGE={IMAGE}"):
+        assert part in cmd, part
+    assert "secret-key-123" not in text
+    assert ("torchrun --nnodes=1 --nproc-per-node=8 --node-rank=0 --master-addr=localhost --master-port=29500 "
+            "-m tapo_megatron.cli train --config /runs/qwen3_1_7b_tapo/config.yaml") in role
+
+
+def test_docker_refuses_separate_pool():
+    args = ex.parse_args(["docker", "--recipe", "qwen3_8b_tapo", "--preset", "h100_4x8", "--container-image", IMAGE])
+    with pytest.raises(ValueError, match="one node"):
+        ex.build(args)
+
+
+def test_local_torchrun_runs_tiny_recipe(tmp_path):
+    """The acceptance run: NeMo-Run LocalExecutor -> torchrun (2 procs) -> tapo train on the tiny recipe -> HF."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true",
+           "NEMORUN_HOME": str(tmp_path / "nemorun_home")}
+    cmd = [sys.executable, str(REPO / "launch" / "experiment.py"), "local", "--recipe", "tiny", "--nproc", "2",
+           "--out", str(out), f"checkpoint.save={out}/ckpt", f"checkpoint.export_hf={out}/hf",
+           f"logging.output_dir={out}/run"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all("loss" in r and r["traj/num_original"] == 8 for r in records)  # K=8 samples of 1 prompt
+    assert (out / "ckpt" / "iter_0000002" / "state.json").is_file()
+    assert json.loads((out / "ckpt" / "iter_0000002" / "state.json").read_text())["world_size"] == 2
+    hf = out / "hf"
+    config = json.loads((hf / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]) == (32, 2, 151936)
+    assert (hf / "tokenizer.json").is_file() and list(hf.glob("*.safetensors"))
+    assert (out / "run" / "curves.png").is_file()
