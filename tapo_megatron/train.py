@@ -19,7 +19,7 @@ from tapo_megatron.evaluation import evaluate
 from tapo_megatron.logging.tracker import MetricsLogger
 from tapo_megatron.records import Rollout, SamplingParams
 from tapo_megatron.rewards import get_reward
-from tapo_megatron.training.actor import MegatronActor, has_checkpoint
+from tapo_megatron.training.actor import MegatronActor, NonFiniteLossError, has_checkpoint
 from tapo_megatron.training.batch import batch_tensors, collate, fill_policy_tensors, make_policy_loss_fn
 from tapo_megatron.training.weight_sync import check_logprobs, make_weight_sync, probe_tokens
 from tapo_megatron.trajectory.builder import TrajectoryBuilder
@@ -98,6 +98,34 @@ def push_weights(weight_sync, cfg: TrainConfig, actor, engine, probes) -> dict:
     return metrics
 
 
+MAX_SKIPPED_STEPS = 3  # non-finite steps in a row that mean training has diverged
+
+
+def optimizer_step(actor, batch, cfg: TrainConfig, skipped_in_a_row: int) -> dict:
+    """(5) One PPO-clip step. A non-finite loss or gradient skips the step (weights untouched) and is logged;
+    ``MAX_SKIPPED_STEPS`` in a row stop the run with the error."""
+    try:
+        result = actor.train_step(batch_tensors(batch), make_policy_loss_fn(batch, cfg.algorithm, cfg.tapo))
+    except NonFiniteLossError as err:
+        if skipped_in_a_row + 1 >= MAX_SKIPPED_STEPS:
+            raise
+        print(f"[train] {err}", flush=True)
+        actor.iteration += 1
+        return {"skipped_nonfinite": 1.0}
+    return {**result.metrics, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
+            "skipped_nonfinite": 0.0}
+
+
+def run_evals(engine, queries, reward_fn, tokenizer, cfg: TrainConfig) -> dict:
+    metrics = {}
+    for name, qs in queries.evals.items():
+        summary = evaluate(engine, qs, reward_fn, tokenizer, n_samples=cfg.data.eval_samples,
+                           max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed,
+                           detector=builders.reflection_detector(cfg.data))
+        metrics.update({f"eval/{name}/{k}": v for k, v in summary.items()})
+    return metrics
+
+
 def upload_curves(logger: MetricsLogger, title: str) -> None:
     """The run's curves as a PNG next to metrics.jsonl, uploaded to wandb as an image."""
     from tapo_megatron.logging.plots import plot_curves
@@ -139,6 +167,7 @@ def train(cfg: TrainConfig) -> dict:
                            resume=bool(resume_from)) if ctx.is_main else None
     bar = tqdm(range(actor.iteration, cfg.train_iters), desc="rl", disable=not (ctx.is_main and
                                                                                cfg.logging.progress_bar))
+    skipped = 0
     for step in bar:
         t0 = time.perf_counter()
         batch_queries = stream.next_batch(cfg.rollout.rollout_batch_size)
@@ -154,20 +183,15 @@ def train(cfg: TrainConfig) -> dict:
         if built.trajectories:
             batch = collate(built.trajectories, tokenizer.pad_id, cfg.tapo.train_constructed_prefix)       # (4)
             metrics.update(fill_policy_tensors(batch, actor, cfg.tapo))
-            result = actor.train_step(batch_tensors(batch), make_policy_loss_fn(batch, cfg.algorithm,
-                                                                                 cfg.tapo))           # (5)
-            metrics.update(result.metrics, loss=result.loss, grad_norm=result.grad_norm, lr=result.lr)
+            metrics.update(optimizer_step(actor, batch, cfg, skipped))                                  # (5)
+            skipped = skipped + 1 if metrics["skipped_nonfinite"] else 0
         else:
             actor.iteration += 1  # nothing carried signal this step: no update, but the step is consumed
         metrics.update(push_weights(weight_sync, cfg, actor, engine, probes))                           # (6)
         metrics.update({"time/rollout": t_rollout, "time/step": time.perf_counter() - t0})
         if ctx.is_main:
             if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0:
-                for name, qs in queries.evals.items():
-                    summary = evaluate(engine, qs, reward_fn, tokenizer, n_samples=cfg.data.eval_samples,
-                                       max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed,
-                                       detector=builders.reflection_detector(cfg.data))
-                    metrics.update({f"eval/{name}/{k}": v for k, v in summary.items()})
+                metrics.update(run_evals(engine, queries, reward_fn, tokenizer, cfg))
             logger.log(step + 1, metrics)
             bar.set_postfix(acc=f"{metrics.get('rollout/accuracy', 0):.2f}", loss=f"{metrics.get('loss', 0):.3f}")
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0:

@@ -24,7 +24,7 @@ DDP's default), multiply the loss by the data-parallel world size (or configure 
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable
 
 import torch
 
@@ -237,27 +237,8 @@ def sft_loss(
 # Registry of policy losses (the trainer looks the configured name up here).
 
 
-class PolicyLossFn(Protocol):
-    """Signature every registered policy loss has (that of :func:`policy_loss`)."""
-
-    def __call__(
-        self,
-        logprobs: torch.Tensor,
-        old_logprobs: torch.Tensor,
-        advantages: torch.Tensor,
-        loss_mask: torch.Tensor,
-        *,
-        is_constructed: torch.Tensor,
-        token_weights: torch.Tensor | None,
-        constructed_coef: float,
-        clip_eps_low: float = 0.2,
-        clip_eps_high: float = 0.2,
-        kl_coef: float = 0.0,
-        ref_logprobs: torch.Tensor | None = None,
-        kl_estimator: str = "k3",
-        num_original_tokens: int | float | torch.Tensor | None = None,
-        num_constructed_tokens: int | float | torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+# Every registered policy loss has the signature of :func:`policy_loss` (same positional tensors and keywords).
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
