@@ -109,12 +109,16 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: i
         cpu_compat.install()
     backend = "nccl" if gpu else "gloo"
     if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        if "RANK" in os.environ:  # torchrun / Slurm: rendezvous from the environment
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # A plain process: a 1-rank group. Not written into os.environ, so child processes (torchrun workers,
+            # engine servers) do not inherit a RANK / MASTER_PORT that this process's store already holds.
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                    world_size=1, timeout=timeout)
     world = dist.get_world_size()
     check_layout(world, tp, pp)
     if ps.model_parallel_is_initialized():
