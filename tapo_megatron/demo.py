@@ -103,7 +103,6 @@ def run_demo(out_dir: str = "runs/demo", seeds: tuple[int, ...] = (1234,), grpo_
     shape = builders.model_shape(cfg.model)
     tokenizer = builders.build_tokenizer(cfg.model)
     heldout = builders.load_task_queries(cfg.data, tokenizer, cfg.seed).evals["heldout"]
-    from tapo_megatron.convert.qwen3 import export_hf_weights  # noqa: F401  (weights come through the actor)
     from tapo_megatron.training.actor import MegatronActor
 
     ctx = builders.setup_parallel(cfg, shape)

@@ -10,6 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def _save(fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plot_curves(runs: dict[str, list[dict]], keys: list[str], out: str | Path, title: str = "") -> Path:
     """runs: label -> list of metric records (each with "step"); one subplot per key present in any run."""
     keys = [k for k in keys if any(k in r for recs in runs.values() for r in recs)]
@@ -31,12 +40,7 @@ def plot_curves(runs: dict[str, list[dict]], keys: list[str], out: str | Path, t
         ax.axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_bars(table: dict[str, dict[str, float]], metrics: list[str], out: str | Path, title: str = "") -> Path:
@@ -57,9 +61,4 @@ def plot_bars(table: dict[str, dict[str, float]], metrics: list[str], out: str |
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
