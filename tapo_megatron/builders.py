@@ -5,6 +5,7 @@ Shared by the RL loop (train.py), cold-start SFT (sft.py) and evaluation, so eve
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +34,9 @@ def model_shape(model: ModelConfig) -> Qwen3Shape:
 def setup_parallel(cfg: TrainConfig, shape: Qwen3Shape) -> ParallelContext:
     # Refuse a layout the model cannot be split into before Megatron raises from deep inside.
     p = cfg.parallel
-    check_parallel(shape, p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
-                   world_size=None if not _under_torchrun() else int(__import__("os").environ["WORLD_SIZE"]))
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None  # set under torchrun
+    check_parallel(shape, p.tensor_model_parallel_size, p.pipeline_model_parallel_size, world_size=world)
     return init_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size, seed=cfg.seed)
-
-
-def _under_torchrun() -> bool:
-    import os
-
-    return "WORLD_SIZE" in os.environ
 
 
 @dataclass

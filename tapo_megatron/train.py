@@ -147,8 +147,9 @@ def train(cfg: TrainConfig) -> dict:
     stream = QueryStream(queries.train, cfg.seed)
     actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype,
                           cfg.model.kernel_backend)
-    resume_from = cfg.checkpoint.load or (cfg.checkpoint.save if has_checkpoint(cfg.checkpoint.save or "/nonexistent")
-                                          else "")
+    # Resume from checkpoint.load, else from checkpoint.save when a previous (killed) run left one there.
+    resume_from = cfg.checkpoint.load or (cfg.checkpoint.save if cfg.checkpoint.save and
+                                          has_checkpoint(cfg.checkpoint.save) else "")
     if resume_from:
         stream.load_state(actor.load_checkpoint(resume_from)["stream"])
     elif cfg.checkpoint.pretrained_checkpoint:

@@ -287,18 +287,12 @@ def _coerce(value, typ, where: str):
             return typ(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}") from None
-    if typ is list or origin is list:
-        if isinstance(value, str):
+    container = next((c for c in (list, dict) if typ is c or origin is c), None)
+    if container is not None:
+        if isinstance(value, str):  # from a command-line override: parse the YAML text
             value = yaml.safe_load(value)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return value
-    if typ is dict or origin is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
+        if not isinstance(value, container):
+            raise ConfigError(f"{where}: expected a {'list' if container is list else 'mapping'}, got {value!r}")
     return value
 
 

@@ -66,9 +66,10 @@ def is_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host`` (the OS picks it)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -117,7 +118,7 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: i
         else:
             # A plain process: a 1-rank group. Not written into os.environ, so child processes (torchrun workers,
             # engine servers) do not inherit a RANK / MASTER_PORT that this process's store already holds.
-            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                     world_size=1, timeout=timeout)
     world = dist.get_world_size()
     check_layout(world, tp, pp)

@@ -14,17 +14,9 @@ Backend-agnostic: "nccl" between GPU trainers and SGLang, "gloo" between a CPU t
 from __future__ import annotations
 
 import datetime
-import socket
 
 import torch
 import torch.distributed as dist
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host`` (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def init_weight_update_group(

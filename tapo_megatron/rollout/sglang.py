@@ -238,7 +238,7 @@ class EngineServer:
         log_dir = Path(spec.log_dir) if spec.log_dir else Path(os.environ.get("TMPDIR", "/tmp")) / "tapo_engines"
         log_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(3):  # a picked port can be taken before the server binds it
-            from tapo_megatron.parallel.update_group import free_port
+            from tapo_megatron.parallel import free_port
 
             port = spec.port if spec.port is not None else free_port(spec.host)
             self.url = f"http://{spec.host}:{port}"

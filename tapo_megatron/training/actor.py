@@ -224,11 +224,11 @@ class MegatronActor:
                 values[i] = total if name == "loss" else total / len(outputs)
             values[-1] = 1.0
         # Only the last stage holds the outputs: sum over PP (others contribute 0) then over DP.
-        names_obj = [names]
         if self.ctx.world_size > 1:
-            dist.broadcast_object_list(names_obj, src=self.ctx.last_stage_global_rank, group=self.ctx.pp_group) \
-                if self.ctx.pp_size > 1 else None
-            names = names_obj[0]
+            if self.ctx.pp_size > 1:  # earlier stages do not know the metric names yet
+                box = [names]
+                dist.broadcast_object_list(box, src=self.ctx.last_stage_global_rank, group=self.ctx.pp_group)
+                names = box[0]
             if len(values) != len(names) + 1:
                 values = torch.zeros(len(names) + 1, dtype=torch.float64)
             dist.all_reduce(values, group=self.ctx.pp_group)

@@ -26,7 +26,8 @@ import torch.distributed as dist
 
 from tapo_megatron.convert.qwen3 import export_hf_weights
 from tapo_megatron.parallel import ParallelContext
-from tapo_megatron.parallel.update_group import destroy_weight_update_group, free_port, init_weight_update_group
+from tapo_megatron.parallel import free_port
+from tapo_megatron.parallel.update_group import destroy_weight_update_group, init_weight_update_group
 from tapo_megatron.rollout.sglang import (
     EngineError,
     EngineServer,
