@@ -15,7 +15,6 @@ ENV DEBIAN_FRONTEND=noninteractive \
     MAX_JOBS=16 \
     HF_HUB_OFFLINE=1 \
     TOKENIZERS_PARALLELISM=false \
-    TAPO_SHARED_DATA=/data \
     TAPO_MODELS=/models \
     TAPO_RUNS=/runs \
     TAPO_GIT_COMMIT=${GIT_COMMIT}

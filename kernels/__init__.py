@@ -5,6 +5,10 @@
     masked_logprobs_vocab_parallel(logits_shard, ..., tp_group)  the same over a Megatron TP vocab shard
     fused_linear_logprobs(hidden [N, H], weight [V, H], ...)     LM-head GEMM fused in: [N, V] logits never exist
 
+On the training path: ``masked_logprobs_vocab_parallel`` (the actor's log-probs and entropies, ``training/logprobs``)
+and ``grouped_advantage`` (``algorithms.advantages`` on CUDA). ``fused_linear_logprobs`` is benchmark-only for now
+(``tapo bench kernels``): the actor does not call it yet.
+
 Importing this package neither needs a GPU nor launches anything; Triton kernels are compiled on first use.
 Backend choice: ``tapo_kernels.select`` (Triton on CUDA, torch on CPU, ``TAPO_KERNELS=torch|triton`` to force).
 Benchmark: ``python -m tapo_kernels.bench``.
@@ -18,14 +22,11 @@ from .reference import (
     reference_logprobs,
     reference_token_advantage,
 )
-from .select import get_advantage_impl, get_logprob_impl, get_vocab_parallel_logprob_impl, resolve_backend
+from .select import resolve_backend
 
 __all__ = [
     "GroupedAdvantage",
     "fused_linear_logprobs",
-    "get_advantage_impl",
-    "get_logprob_impl",
-    "get_vocab_parallel_logprob_impl",
     "grouped_advantage",
     "masked_logprobs",
     "masked_logprobs_vocab_parallel",

@@ -1,4 +1,5 @@
-"""LM head + masked log-prob (+ entropy) fused, so the full ``[N, V]`` logits never exist.
+"""LM head + masked log-prob (+ entropy) fused, so the full ``[N, V]`` logits never exist. Benchmark-only for now
+(``tapo bench kernels``): the actor does not call it yet.
 
     fused_linear_logprobs(hidden [..., H], weight [V_local, H], targets [...], mask [...] | None, *,
                           temperature=1.0, return_entropy=False, token_chunk=2048, vocab_chunk=32768,

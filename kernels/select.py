@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
@@ -75,27 +75,3 @@ def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "to
                 "`import triton` (e.g. before importing megatron.core), or run in a fresh process"
             )
     return backend  # type: ignore[return-value]
-
-
-def get_logprob_impl(backend: Backend = "auto") -> Callable[..., object]:
-    """``masked_logprobs`` with ``backend`` bound (same signature, minus ``backend``)."""
-    from .masked_logprobs import masked_logprobs
-
-    _check_backend_name(backend, "get_logprob_impl")
-    return functools.partial(masked_logprobs, backend=backend)
-
-
-def get_vocab_parallel_logprob_impl(backend: Backend = "auto") -> Callable[..., object]:
-    """``masked_logprobs_vocab_parallel`` with ``backend`` bound."""
-    from .masked_logprobs import masked_logprobs_vocab_parallel
-
-    _check_backend_name(backend, "get_vocab_parallel_logprob_impl")
-    return functools.partial(masked_logprobs_vocab_parallel, backend=backend)
-
-
-def get_advantage_impl(backend: Backend = "auto") -> Callable[..., object]:
-    """``grouped_advantage`` with ``backend`` bound."""
-    from .grouped_advantage import grouped_advantage
-
-    _check_backend_name(backend, "get_advantage_impl")
-    return functools.partial(grouped_advantage, backend=backend)

@@ -49,11 +49,17 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tapo_megatron import builders
 from tapo_megatron.config import ConfigError, TrainConfig
+from tapo_megatron.data.assets import resolve_dataset
 from tapo_megatron.data.queries import BadRow, DataError, load_queries
+from tapo_megatron.data.tokenizer import load_tokenizer
+from tapo_megatron.models.qwen3 import shape_from_config
 from tapo_megatron.records import Query, Rollout, SamplingParams
-from tapo_megatron.rewards import extract_boxed, get_reward, score_batch
+from tapo_megatron.rewards import extract_boxed, get_reward, score_batch, score_rollouts
+from tapo_megatron.rollout.build import build_engine
+from tapo_megatron.rollout.policy import PolicySource, load_policy
+from tapo_megatron.rollout.sampling import sample_groups
+from tapo_megatron.tasks.math import gold_answer_problem
 from tapo_megatron.trajectory.candidates import is_correct, select_pairs, zpd_filter
 from tapo_megatron.trajectory.constructors import ConstructionRequest, PolicyConstructor, render_construction_prompt
 from tapo_megatron.trajectory.splice import response_body_ids, splice
@@ -118,13 +124,6 @@ class ColdStartReport:
     stopped_early: bool = False  # every quota was full before the queries ran out
 
 
-def gold_answer_problem(answer: str) -> str | None:
-    """None if the math verifier can parse ``answer`` as a gold answer, else the reason (for ``load_queries``)."""
-    from tapo_megatron.rewards.math_verifier import parse_gold
-
-    return None if parse_gold(answer) else "the math verifier cannot parse it"
-
-
 def read_rows(path: str | Path) -> list[dict]:
     """The rows of one output file, as dicts (``prompt``, ``response``, ``provenance`` ...)."""
     with open(path, encoding="utf-8") as f:
@@ -166,7 +165,7 @@ def _load_sources(cfg: TrainConfig, tokenizer, check_answers: bool) -> tuple[lis
     seen: dict[str, str] = {}
     on_error = cfg.data.on_bad_row
     for path in cfg.coldstart.query_files:
-        qf = load_queries(path, on_error=on_error, tokenizer=tokenizer,
+        qf = load_queries(resolve_dataset(path), on_error=on_error, tokenizer=tokenizer,
                           answer_check=gold_answer_problem if check_answers else None)
         bad += qf.bad_rows
         for q in qf.queries:
@@ -304,19 +303,12 @@ class _ChunkBuilder:
         return RowProvenance(src.query.id, src.file, self.model, self.version, self.cfg.seed, chunk, method, details)
 
     def rollouts(self, sources: list[_Source], seed: int) -> list[Rollout]:
-        k, r = self.cfg.rollout.n_samples_per_prompt, self.cfg.rollout
+        r = self.cfg.rollout
         params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                                 stop_token_ids=(self.tok.eos_id,), seed=seed)
-        gens = self.engine.generate([s.query.prompt_ids for s in sources for _ in range(k)], params)
-        rollouts = [Rollout(query_id=s.query.id, group_index=i, prompt_ids=s.query.prompt_ids,
-                            response_ids=g.token_ids, engine_logprobs=g.logprobs, finish_reason=g.finish_reason,
-                            weight_version=g.weight_version,
-                            response_text=self.tok.decode(response_body_ids(g.token_ids, self.tok)))
-                    for i, s in enumerate(sources) for g in gens[i * k:(i + 1) * k]]
-        rewards = score_batch(self.reward_fn, [r.response_text for r in rollouts],
-                              [sources[r.group_index].query.answer for r in rollouts])
-        for r, reward in zip(rollouts, rewards):
-            r.reward = reward
+        queries = [s.query for s in sources]
+        rollouts = sample_groups(self.engine, queries, r.n_samples_per_prompt, params, self.tok)
+        score_rollouts(rollouts, queries, self.reward_fn)
         return rollouts
 
     def build(self, chunk: int, sources: list[_Source], quota: Counter) -> tuple[list[ColdStartRow], dict]:
@@ -348,6 +340,7 @@ class _ChunkBuilder:
         stats["constructions_attempted"] = len(requests)
         failures: Counter = Counter()
         per_query: Counter = Counter()
+        spliced_all = []
         for req, (src, wrong_i, correct_i, acc), con in zip(requests, meta, constructions):
             if con.failure is not None:
                 failures[con.failure] += 1
@@ -359,7 +352,11 @@ class _ChunkBuilder:
                 continue
             stats["constructions_spliced"] += 1
             text = self.tok.decode(response_body_ids(spliced.trajectory.response_ids, self.tok))
-            verified = score_batch(self.reward_fn, [text], [src.query.answer])[0] > 0.5
+            spliced_all.append((req, (src, wrong_i, correct_i, acc), con, spliced, text))
+        # Every spliced trajectory of the chunk verified in one batch (the math verifier's pool runs it in parallel).
+        rewards = score_batch(self.reward_fn, [x[4] for x in spliced_all], [x[1][0].query.answer for x in spliced_all])
+        for (req, (src, wrong_i, correct_i, acc), con, spliced, text), reward in zip(spliced_all, rewards):
+            verified = reward > 0.5
             if not verified:
                 stats["constructions_incorrect"] += 1
                 if cs.require_correct:
@@ -449,7 +446,7 @@ def _remaining(quota: Counter, out: Path) -> Counter:
     return Counter({k: max(0, v) for k, v in left.items()})
 
 
-def build_coldstart(cfg: TrainConfig, *, policy: builders.PolicySource | None = None, tokenizer=None,
+def build_coldstart(cfg: TrainConfig, *, policy: PolicySource | None = None, tokenizer=None,
                     reward_fn=None, progress: bool = True) -> ColdStartReport:
     """Build (or resume) the cold-start set described by ``cfg.coldstart``; see the module docstring.
 
@@ -465,15 +462,15 @@ def build_coldstart(cfg: TrainConfig, *, policy: builders.PolicySource | None = 
     """
     _check_config(cfg)
     cs = cfg.coldstart
-    tokenizer = tokenizer or builders.build_tokenizer(cfg.model)
+    tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer)
     reward_fn = reward_fn or get_reward(cfg.data.reward)
     sources, bad = _load_sources(cfg, tokenizer, check_answers=cfg.data.reward == "math")
     if policy is None:
         if cs.model_path:
-            policy = builders.load_policy(cs.model_path, cfg.rollout, cfg.seed)
+            policy = load_policy(cs.model_path, cfg.rollout, cfg.seed)
         else:
-            engine = builders.build_engine(cfg.rollout, builders.model_shape(cfg.model), cfg.seed)
-            policy = builders.PolicySource(engine, "random-init", f"seed{cfg.seed}", None)
+            engine = build_engine(cfg.rollout, shape_from_config(cfg.model), cfg.seed)
+            policy = PolicySource(engine, "random-init", f"seed{cfg.seed}", None)
     model, version = cs.model_name or policy.model_name, cs.model_version or policy.model_version
     out = Path(cs.output_dir)
     outputs = _Outputs(out, _signature(cfg, sources, model, version))

@@ -20,26 +20,35 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tapo_megatron import builders
 from tapo_megatron.algorithms.losses import sft_loss
-from tapo_megatron.config import TrainConfig, to_dict
+from tapo_megatron.config import ConfigError, TrainConfig, to_dict
+from tapo_megatron.convert.checkpoints import has_checkpoint
 from tapo_megatron.data.queries import BadRow, DataError
+from tapo_megatron.data.tokenizer import load_tokenizer
 from tapo_megatron.logging.tracker import MetricsLogger
-from tapo_megatron.tasks.arithmetic import ArithmeticTask
-from tapo_megatron.training.actor import MegatronActor, has_checkpoint
+from tapo_megatron.models.qwen3 import shape_from_config
+from tapo_megatron.parallel import setup_parallel
+from tapo_megatron.tasks import build_task
+from tapo_megatron.training.actor import MegatronActor
 
 
-def sft_examples(cfg: TrainConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, response_ids incl. eos) pairs."""
-    n = cfg.sft.global_batch_size * cfg.sft.train_iters
+def sft_examples(cfg: TrainConfig) -> tuple[list[tuple[list[int], list[int]]], object]:
+    """(prompt_ids, response_ids incl. eos) pairs and the tokenizer: rows of ``sft.data_file`` in the chat
+    format, or, with no file, the task's own SFT data (the arithmetic task writes gold and reflective solutions)."""
     if not cfg.sft.data_file:
-        return ArithmeticTask().sft_examples(n, cfg.seed, reflective_fraction=cfg.sft.reflective_fraction)
+        task = build_task(cfg.data, cfg.model, cfg.seed)
+        if task.sft_examples is None:
+            raise ConfigError(f"sft.data_file is empty and the {task.name!r} task writes no SFT data of its own: "
+                              "give sft.data_file (e.g. the output of `tapo coldstart build`)")
+        n = cfg.sft.global_batch_size * cfg.sft.train_iters
+        return task.sft_examples(n, cfg.seed, cfg.sft.reflective_fraction), task.tokenizer
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
     rows, bad = read_sft_rows(cfg.sft.data_file, cfg.data.on_bad_row)
     if bad:
         print(f"[sft] skipped {len(bad)} bad row(s) of {cfg.sft.data_file}; first: {bad[0]}", flush=True)
     if not rows:
-        raise ValueError(f"{cfg.sft.data_file}: no usable SFT rows")
-    return [(tokenizer.chat_prompt_ids(p), tokenizer.encode(r) + [tokenizer.eos_id]) for p, r in rows]
+        raise DataError(f"{cfg.sft.data_file}: no usable SFT rows")
+    return [(tokenizer.chat_prompt_ids(p), tokenizer.encode(r) + [tokenizer.eos_id]) for p, r in rows], tokenizer
 
 
 def read_sft_rows(path: str, on_error: str = "skip") -> tuple[list[tuple[str, str]], list[BadRow]]:
@@ -100,15 +109,15 @@ def collate_sft(pairs, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
-    shape = builders.model_shape(cfg.model)
-    ctx = builders.setup_parallel(cfg, shape)
-    tokenizer = builders.build_tokenizer(cfg.model)
+    shape = shape_from_config(cfg.model)
+    ctx = setup_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                         cfg.seed, **shape.layout_dims())
     actor = MegatronActor(shape, ctx, cfg.sft.optimizer, cfg.parallel, cfg.model.params_dtype,
                           cfg.model.kernel_backend)
     state = {"cursor": 0}
     if cfg.checkpoint.save and has_checkpoint(cfg.checkpoint.save):
         state = actor.load_checkpoint(cfg.checkpoint.save)
-    pairs = sft_examples(cfg, tokenizer)
+    pairs, tokenizer = sft_examples(cfg)
     random.Random(cfg.seed).shuffle(pairs)
     logger = MetricsLogger(cfg.logging.output_dir, run_name=cfg.logging.run_name or "sft", config=to_dict(cfg),
                            wandb_mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,

@@ -3,206 +3,139 @@
     rollout -> reward -> trajectory builder (DCS, construction, splicing, DAE) -> old log-probs + OTS weights
             -> actor step (PPO-clip, token-mean) -> weight sync to the engine -> log / eval / checkpoint
 
-Run: ``tapo train --config recipe.yaml [section.field=value ...]`` (single process or under torchrun).
+Run: ``tapo train --config recipe.yaml [section.field=value ...]`` (one process, or under torchrun for TP/PP/DP).
+
+Where this implementation departs from the paper (TAPO_SPEC), and why:
+- **One optimizer step per rollout batch.** The importance ratio is 1 at the step (old log-probs are the actor's own
+  forward before the update); the clip only matters once PPO mini-epochs exist.
+- **Each branch of the loss is a token mean over its own tokens** (``L_GRPO / N_orig + lambda * L_ref / N_cons``),
+  so lambda = 0 is exactly GRPO; the paper does not say how the branches are normalised.
+- **All-equal constructed groups** (DAE's open case) get ``tapo.constructed_zero_variance`` (default ``fixed``: +-1
+  by correctness), and their share is logged; the paper leaves this open.
+- **Original groups with one reward value are dropped** (``algorithm.drop_zero_variance_groups``): their advantage
+  is 0; dropping changes only the token-mean normaliser.
+- **The constructed trajectory's sampled prefix** is trained by default (the spec's reading); the demo recipe
+  trains only from the divergence point on (``tapo.train_constructed_prefix=false``), which it measured to be stable.
+- **The KL reference is the initial policy** (the weights the run started from), scored by the actor itself with
+  swapped-in weights; off by default (``algorithm.kl_coef=0``), like the paper's GRPO baseline settings we follow.
+- **Construction prompt and sampling** are ours (the paper's are not published): ``trajectory/templates/``.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
-import torch.distributed as dist
 from tqdm import tqdm
 
-from tapo_megatron import builders
 from tapo_megatron.config import TrainConfig, to_dict
+from tapo_megatron.convert.api import export_hf
+from tapo_megatron.convert.checkpoints import has_checkpoint
 from tapo_megatron.data.stream import QueryStream
-from tapo_megatron.evaluation import evaluate
+from tapo_megatron.evaluation import evaluate_task
 from tapo_megatron.logging.tracker import MetricsLogger
-from tapo_megatron.records import Rollout, SamplingParams
-from tapo_megatron.rewards import get_reward
-from tapo_megatron.training.actor import MegatronActor, NonFiniteLossError, has_checkpoint
-from tapo_megatron.training.batch import batch_tensors, collate, fill_policy_tensors, make_policy_loss_fn
-from tapo_megatron.training.weight_sync import check_logprobs, make_weight_sync, probe_tokens
+from tapo_megatron.models.qwen3 import shape_from_config
+from tapo_megatron.parallel import ParallelContext, broadcast_object, setup_parallel
+from tapo_megatron.rewards import score_rollouts
+from tapo_megatron.rollout.build import build_engine
+from tapo_megatron.rollout.sampling import rollout_metrics, rollout_sampling, sample_groups
+from tapo_megatron.tasks import Task, build_task
+from tapo_megatron.training.actor import MegatronActor
+from tapo_megatron.training.batch import collate
+from tapo_megatron.training.reference import ReferencePolicy
+from tapo_megatron.training.step import policy_step
+from tapo_megatron.training.weight_sync import connect_weight_sync, probe_tokens, push_weights
 from tapo_megatron.trajectory.builder import TrajectoryBuilder
 from tapo_megatron.trajectory.constructors import build_constructor
 
-
-def generate_rollouts(engine, queries, rollout_cfg, tokenizer, step: int, seed: int) -> list[Rollout]:
-    k = rollout_cfg.n_samples_per_prompt
-    params = SamplingParams(temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p,
-                            max_new_tokens=rollout_cfg.max_new_tokens, stop_token_ids=(tokenizer.eos_id,),
-                            seed=seed * 100_003 + step)
-    gens = engine.generate([q.prompt_ids for q in queries for _ in range(k)], params)
-    return [Rollout(query_id=q.id, group_index=i, prompt_ids=q.prompt_ids, response_ids=g.token_ids,
-                    engine_logprobs=g.logprobs, finish_reason=g.finish_reason, weight_version=g.weight_version,
-                    response_text=tokenizer.decode(g.token_ids))
-            for i, q in enumerate(queries) for g in gens[i * k:(i + 1) * k]]
+CURVE_KEYS = ["rollout/accuracy", "rollout/reward", "loss", "grad_norm", "rollout/response_length", "entropy",
+              "approx_kl", "ots_weight_mean", "tapo/num_candidates"]
 
 
-def score_rollouts(rollouts: list[Rollout], queries, reward_fn) -> None:
-    gold = {q.id: q.answer for q in queries}
-    for r in rollouts:
-        r.reward = reward_fn(r.response_text, gold[r.query_id])
+@dataclass
+class TrainResult:
+    """What a finished run hands back (the demo evaluates its engine; tests inspect the actor)."""
+
+    actor: MegatronActor
+    engine: object | None  # the rollout engine (rank 0), serving the final weights
+    task: Task
+    ctx: ParallelContext
+    final_checkpoint: object | None = None  # Path of the last iter_<N>, when checkpoint.save is set
+    last_metrics: dict = field(default_factory=dict)
 
 
-def rollout_metrics(rollouts: list[Rollout]) -> dict:
-    n = max(1, len(rollouts))
-    return {"rollout/accuracy": sum(r.reward > 0.5 for r in rollouts) / n,
-            "rollout/reward": sum(r.reward for r in rollouts) / n,
-            "rollout/response_length": sum(len(r.response_ids) for r in rollouts) / n,
-            "rollout/truncated": sum(r.finish_reason.value == "length" for r in rollouts) / n}
+def start_actor(cfg: TrainConfig, shape, ctx) -> tuple[MegatronActor, ReferencePolicy | None, dict | None]:
+    """The actor with its starting weights, the KL reference (the weights the run started from, only when
+    ``algorithm.kl_coef > 0``) and the resumed loop state: from ``checkpoint.load``, else from ``checkpoint.save``
+    when a previous (killed) run left a checkpoint there; None for a fresh start."""
+    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype, cfg.model.kernel_backend)
+    ck = cfg.checkpoint
+    resume_from = ck.load or (ck.save if ck.save and has_checkpoint(ck.save) else "")
+    if ck.pretrained_checkpoint and (not resume_from or cfg.algorithm.kl_coef > 0):
+        actor.load_model_weights(ck.pretrained_checkpoint)
+    reference = ReferencePolicy.snapshot(actor) if cfg.algorithm.kl_coef > 0 else None
+    state = actor.load_checkpoint(resume_from) if resume_from else None
+    return actor, reference, state
 
 
-def _broadcast(obj, ctx):
-    if ctx.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def export_hf(ckpt, cfg: TrainConfig):
-    """Export the Megatron checkpoint ``ckpt`` (an ``iter_<N>`` dir) to ``cfg.checkpoint.export_hf`` (replaced if it
-    exists), with the tokenizer from ``checkpoint.export_tokenizer`` or, when that is empty, ``model.tokenizer`` if
-    it is a folder. Collective: every rank calls it (rank 0 writes, the others wait)."""
-    from pathlib import Path
-
-    from tapo_megatron.convert.cli import mcore_to_hf
-
-    tokenizer_dir = cfg.checkpoint.export_tokenizer or (cfg.model.tokenizer if Path(cfg.model.tokenizer).is_dir()
-                                                        else None)
-    return mcore_to_hf(ckpt, cfg.checkpoint.export_hf, tokenizer_dir=tokenizer_dir, overwrite=True)
-
-
-def build_weight_sync(cfg: TrainConfig, actor, engine):
-    """The transport of ``rollout.weight_sync_mode`` (colocated / distributed / disk), connected."""
-    servers = None
-    if cfg.rollout.weight_sync_mode == "distributed":
-        from tapo_megatron.rollout.sglang import EngineServer
-
-        # Every trainer rank posts to the servers: rank 0 has the engine's; the others address the same URLs.
-        servers = engine.servers if engine is not None else [EngineServer(url=u) for u in cfg.rollout.engine_urls]
-    sync = make_weight_sync(cfg.rollout.weight_sync_mode, actor, engine,
-                            int(cfg.rollout.weight_sync_bucket_mb * 2**20), servers=servers,
-                            disk_root=cfg.rollout.weight_sync_dir,
-                            master_address=cfg.rollout.weight_sync_master_address)
-    sync.connect()
-    return sync
-
-
-def push_weights(weight_sync, cfg: TrainConfig, actor, engine, probes) -> dict:
-    """(6) Sync the actor's weights into the engines as version ``actor.iteration``; optionally verify them."""
-    metrics = weight_sync.sync(actor.iteration).as_metrics()
-    if cfg.rollout.weight_sync_check == "logprobs":
-        metrics["sync/check_max_abs_logprob"] = check_logprobs(actor, engine, probes,
-                                                               cfg.rollout.weight_sync_check_atol)
-    return metrics
-
-
-MAX_SKIPPED_STEPS = 3  # non-finite steps in a row that mean training has diverged
-
-
-def optimizer_step(actor, batch, cfg: TrainConfig, skipped_in_a_row: int) -> dict:
-    """(5) One PPO-clip step. A non-finite loss or gradient skips the step (weights untouched) and is logged;
-    ``MAX_SKIPPED_STEPS`` in a row stop the run with the error."""
-    try:
-        result = actor.train_step(batch_tensors(batch), make_policy_loss_fn(batch, cfg.algorithm, cfg.tapo))
-    except NonFiniteLossError as err:
-        if skipped_in_a_row + 1 >= MAX_SKIPPED_STEPS:
-            raise
-        print(f"[train] {err}", flush=True)
-        actor.iteration += 1
-        return {"skipped_nonfinite": 1.0}
-    return {**result.metrics, "loss": result.loss, "grad_norm": result.grad_norm, "lr": result.lr,
-            "skipped_nonfinite": 0.0}
-
-
-def run_evals(engine, queries, reward_fn, tokenizer, cfg: TrainConfig) -> dict:
-    metrics = {}
-    for name, qs in queries.evals.items():
-        summary = evaluate(engine, qs, reward_fn, tokenizer, n_samples=cfg.data.eval_samples,
-                           max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed,
-                           detector=builders.reflection_detector(cfg.data))
-        metrics.update({f"eval/{name}/{k}": v for k, v in summary.items()})
-    return metrics
-
-
-def upload_curves(logger: MetricsLogger, title: str) -> None:
-    """The run's curves as a PNG next to metrics.jsonl, uploaded to wandb as an image."""
-    from tapo_megatron.logging.plots import plot_curves
-    from tapo_megatron.logging.tracker import read_metrics
-
-    png = plot_curves({logger.path.parent.name: read_metrics(logger.path)},
-                      ["rollout/accuracy", "rollout/reward", "loss", "grad_norm", "rollout/response_length",
-                       "entropy", "approx_kl", "ots_weight_mean", "tapo/num_candidates"],
-                      logger.output_dir / "curves.png", title=title)
-    logger.log_images({"curves": png})
-
-
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
-    shape = builders.model_shape(cfg.model)
-    ctx = builders.setup_parallel(cfg, shape)
-    tokenizer = builders.build_tokenizer(cfg.model)
-    queries = builders.load_task_queries(cfg.data, tokenizer, cfg.seed)
-    stream = QueryStream(queries.train, cfg.seed)
-    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype,
-                          cfg.model.kernel_backend)
-    # Resume from checkpoint.load, else from checkpoint.save when a previous (killed) run left one there.
-    resume_from = cfg.checkpoint.load or (cfg.checkpoint.save if cfg.checkpoint.save and
-                                          has_checkpoint(cfg.checkpoint.save) else "")
-    if resume_from:
-        stream.load_state(actor.load_checkpoint(resume_from)["stream"])
-    elif cfg.checkpoint.pretrained_checkpoint:
-        actor.load_model_weights(cfg.checkpoint.pretrained_checkpoint)
-    engine = builders.build_engine(cfg.rollout, shape, cfg.seed) if ctx.is_main else None
-    weight_sync = build_weight_sync(cfg, actor, engine)
+    shape = shape_from_config(cfg.model)
+    ctx = setup_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                         cfg.seed, **shape.layout_dims())
+    task = build_task(cfg.data, cfg.model, cfg.seed)
+    stream = QueryStream(task.train, cfg.seed)
+    actor, reference, resumed = start_actor(cfg, shape, ctx)
+    if resumed is not None:
+        stream.load_state(resumed["stream"])
+    engine = build_engine(cfg.rollout, shape, cfg.seed) if ctx.is_main else None
+    weight_sync = connect_weight_sync(cfg.rollout, actor, engine)
     probes = probe_tokens(shape.vocab_size) if cfg.rollout.weight_sync_check == "logprobs" else None
-    push_weights(weight_sync, cfg, actor, engine, probes)
-    reward_fn = get_reward(cfg.data.reward)
+    push_weights(weight_sync, cfg.rollout, actor, engine, probes)
     builder = None  # rollouts, construction and trajectory building happen on rank 0, next to the engine
     if ctx.is_main:
-        constructor = build_constructor(cfg.tapo, engine=engine, tokenizer=tokenizer) if cfg.tapo.enabled else None
-        builder = TrajectoryBuilder(cfg.tapo, cfg.algorithm, tokenizer, reward_fn, constructor, seed=cfg.seed)
+        constructor = build_constructor(cfg.tapo, engine=engine, tokenizer=task.tokenizer,
+                                        step_verifier=task.step_verifier) if cfg.tapo.enabled else None
+        builder = TrajectoryBuilder(cfg.tapo, cfg.algorithm, task.tokenizer, task.reward, constructor, seed=cfg.seed)
     logger = MetricsLogger(cfg.logging.output_dir, run_name=cfg.logging.run_name or "rl", config=to_dict(cfg),
                            wandb_mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
-                           resume=bool(resume_from)) if ctx.is_main else None
-    bar = tqdm(range(actor.iteration, cfg.train_iters), desc="rl", disable=not (ctx.is_main and
-                                                                               cfg.logging.progress_bar))
-    skipped = 0
+                           resume=resumed is not None) if ctx.is_main else None
+    bar = tqdm(range(actor.iteration, cfg.train_iters), desc="rl",
+               disable=not (ctx.is_main and cfg.logging.progress_bar))
+    skipped, metrics = 0, {}
     for step in bar:
         t0 = time.perf_counter()
-        batch_queries = stream.next_batch(cfg.rollout.rollout_batch_size)
+        queries = stream.next_batch(cfg.rollout.rollout_batch_size)
         built = None
         if ctx.is_main:
-            rollouts = generate_rollouts(engine, batch_queries, cfg.rollout, tokenizer, step, cfg.seed)  # (1)
-            score_rollouts(rollouts, batch_queries, reward_fn)                                           # (2)
-            built = builder.build(batch_queries, rollouts, step)                                         # (3)
+            params = rollout_sampling(cfg.rollout, task.tokenizer.eos_id, seed=cfg.seed * 100_003 + step)
+            rollouts = sample_groups(engine, queries, cfg.rollout.n_samples_per_prompt, params, task.tokenizer)  # (1)
+            score_rollouts(rollouts, queries, task.reward)                                                     # (2)
+            built = builder.build(queries, rollouts, step)                                                     # (3)
             built.metrics.update(rollout_metrics(rollouts))
         t_rollout = time.perf_counter() - t0
-        built = _broadcast(built, ctx)
+        built = broadcast_object(built, ctx)
         metrics = dict(built.metrics)
         if built.trajectories:
-            batch = collate(built.trajectories, tokenizer.pad_id, cfg.tapo.train_constructed_prefix)       # (4)
-            metrics.update(fill_policy_tensors(batch, actor, cfg.tapo))
-            metrics.update(optimizer_step(actor, batch, cfg, skipped))                                  # (5)
-            skipped = skipped + 1 if metrics["skipped_nonfinite"] else 0
+            batch = collate(built.trajectories, task.tokenizer.pad_id, cfg.tapo.train_constructed_prefix)    # (4)
+            step_metrics, skipped = policy_step(actor, batch, cfg.algorithm, cfg.tapo, reference, skipped)    # (5)
+            metrics.update(step_metrics)
         else:
-            actor.iteration += 1  # nothing carried signal this step: no update, but the step is consumed
-        metrics.update(push_weights(weight_sync, cfg, actor, engine, probes))                           # (6)
+            actor.skip_step()  # nothing carried signal this step: no update, but the step is consumed
+        metrics.update(push_weights(weight_sync, cfg.rollout, actor, engine, probes))                         # (6)
         metrics.update({"time/rollout": t_rollout, "time/step": time.perf_counter() - t0})
         if ctx.is_main:
             if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0:
-                metrics.update(run_evals(engine, queries, reward_fn, tokenizer, cfg))
+                metrics.update(evaluate_task(engine, task, n_samples=cfg.data.eval_samples,
+                                             max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed))
             logger.log(step + 1, metrics)
             bar.set_postfix(acc=f"{metrics.get('rollout/accuracy', 0):.2f}", loss=f"{metrics.get('loss', 0):.3f}")
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0:
             actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()})
     final_ckpt = actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()}) if cfg.checkpoint.save else None
-    if final_ckpt is not None and cfg.checkpoint.export_hf:
-        export_hf(final_ckpt, cfg)  # the final checkpoint as an HF directory ready for serving
+    if final_ckpt is not None and cfg.checkpoint.export_hf:  # the final checkpoint as an HF directory for serving
+        export_hf(final_ckpt, cfg.checkpoint.export_hf, cfg.checkpoint.export_tokenizer or cfg.model.tokenizer)
     weight_sync.disconnect()
     if logger:
-        upload_curves(logger, cfg.logging.run_name)
+        logger.upload_curves(CURVE_KEYS, cfg.logging.run_name)
         logger.close()
-    return {"actor": actor, "engine": engine, "tokenizer": tokenizer, "queries": queries, "reward_fn": reward_fn,
-            "ctx": ctx}
+    return TrainResult(actor, engine, task, ctx, final_ckpt, metrics)

@@ -3,7 +3,7 @@ time and peak memory (JSON on the last stdout line).
 
     python tests/_convert_qwen3_06b.py --work /tmp/q06b [--pp 1]
 
-Steps: build ``Qwen3ForCausalLM`` from ``shared_data_dir()/qwen3_configs.json`` (bf16, like the release), save it
+Steps: build ``Qwen3ForCausalLM`` from ``FILES_DIR/qwen3_configs.json`` (bf16, like the release), save it
 with the real tokenizer in 500 MB shards; run ``hf_to_mcore`` and ``mcore_to_hf`` each in a fresh process (or
 ``torchrun --nproc_per_node PP`` for ``--pp`` > 1) and record wall time and peak RSS (ru_maxrss of the child
 processes); compare every tensor bit for bit one shard at a time; load the export with ``AutoModelForCausalLM``
@@ -25,7 +25,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tapo_megatron.paths import shared_data_dir  # noqa: E402
+from tapo_megatron.data.assets import FILES_DIR  # noqa: E402
 
 
 def _child(code: str, nproc: int = 1) -> tuple[float, float]:
@@ -90,7 +90,7 @@ def make() -> None:
 
     work = Path(sys.argv[sys.argv.index("--work") + 1])
     torch.set_num_threads(2)
-    data = shared_data_dir()
+    data = FILES_DIR
     cfg = json.loads((data / "qwen3_configs.json").read_text())["models"]["Qwen3-0.6B"]["config"]
     gen = json.loads((data / "qwen3_configs.json").read_text())["generation_config_qwen3_4b"]["value"]
     torch.manual_seed(0)

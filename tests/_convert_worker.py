@@ -222,7 +222,7 @@ def check_streaming(work: Path) -> None:
     from megatron.core import dist_checkpointing
 
     from tapo_megatron.convert import HFCheckpointReader, load_hf_weights
-    from tapo_megatron.convert.cli import _read_slices
+    from tapo_megatron.convert.api import _read_slices
     from tapo_megatron.convert.qwen3 import LAYER_SLOTS, ckpt_tensor_shapes
     from tapo_megatron.models.qwen3 import Qwen3Shape
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from tapo_megatron.config import load_config
-from tapo_megatron.convert.cli import mcore_to_hf
-from tapo_megatron.paths import shared_data_dir
+from tapo_megatron.convert.api import mcore_to_hf
+from tapo_megatron.data.assets import data_file, qwen3_tokenizer_dir
 from tapo_megatron.sft import run_sft
 from tapo_megatron.train import train
 from tapo_megatron.training.actor import resolve_checkpoint
 
-MODEL = ["model.tokenizer=" + str(shared_data_dir() / "qwen3_tokenizer"),
+MODEL = ["model.tokenizer=" + str(qwen3_tokenizer_dir()),
          "model.hf_config={vocab_size: 151936, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
          "num_attention_heads: 2, num_key_value_heads: 2, head_dim: 16, tie_word_embeddings: true}",
          "parallel.tensor_model_parallel_size=2", "parallel.micro_batch_size=2", "logging.wandb_mode=disabled",

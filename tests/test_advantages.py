@@ -23,6 +23,8 @@ from tapo_megatron.algorithms.advantages import (
     AdvantageStats,
     ZeroVariancePolicy,
     decoupled_advantages,
+    AdvantageInput,
+    dae_estimator,
     get_advantage,
     group_normalized_advantages,
     list_advantages,
@@ -134,9 +136,9 @@ def test_dae_separates_originals_from_constructed():
 
     # mixing (plain GRPO over the same ids, the no-DAE ablation): 4 of 11 correct, mean 4/11, std sqrt(28)/11;
     # A(1) = 7/sqrt(28) = 1.3228757, A(0) = -4/sqrt(28) = -0.7559289: the originals' correct answers lose signal
-    mixed, mixed_stats = get_advantage("grpo")(
+    mixed, mixed_stats = get_advantage("grpo")(AdvantageInput(
         rewards, ids, cons, eps=0.0, normalize_std=True, constructed_zero_variance="zero", fixed_value=1.0
-    )
+    ))
     assert mixed[0].item() == pytest.approx(1.3228757, abs=1e-6)
     assert mixed[1].item() == pytest.approx(-0.7559289, abs=1e-6)
     assert mixed_stats.num_groups == 1 and mixed_stats.num_constructed_groups == 1
@@ -237,7 +239,7 @@ def test_dae_bad_inputs():
 
 def test_registry():
     assert {"grpo", "dae"} <= set(list_advantages())
-    assert get_advantage("dae") is decoupled_advantages
+    assert get_advantage("dae") is dae_estimator
     with pytest.raises(KeyError, match="registered: .*dae.*grpo"):
         get_advantage("gae")
     with pytest.raises(ValueError, match="already registered"):

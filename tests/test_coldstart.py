@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from tapo_megatron import coldstart
-from tapo_megatron.builders import PolicySource
+from tapo_megatron.rollout.policy import PolicySource
 from tapo_megatron.config import load_config
 from tapo_megatron.data.queries import DataError
 from tapo_megatron.data.tokenizer import load_tokenizer
-from tapo_megatron.paths import shared_data_dir
+from tapo_megatron.data.assets import data_file, qwen3_tokenizer_dir
 from tapo_megatron.records import FinishReason, Generation
 from tapo_megatron.rewards import extract_boxed, math_reward
 from tapo_megatron.rollout.base import RolloutEngine
@@ -33,13 +33,13 @@ WRONG_STEP = f"Step 1: adding the numbers gives {WRONG}."
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return load_tokenizer(shared_data_dir() / "qwen3_tokenizer")
+    return load_tokenizer(qwen3_tokenizer_dir())
 
 
 @pytest.fixture(scope="module")
 def slice_rows(tmp_path_factory):
     rows = []
-    with open(shared_data_dir() / "deepscaler_sample.jsonl", encoding="utf-8") as f:
+    with open(data_file("deepscaler_sample.jsonl"), encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             if row["answer"] != WRONG:
@@ -254,7 +254,7 @@ def _raise_cfg(data_file, out):
 
 def test_tiny_random_qwen3_through_the_cli(tmp_path, slice_rows):
     """The real engine path: a random-init Qwen3 with the real vocabulary, via ``tapo coldstart build``."""
-    from tapo_megatron.cli import main
+    from tapo_megatron.commands import main
 
     torch.set_num_threads(1)
     data_file, rows = slice_rows
@@ -262,7 +262,7 @@ def test_tiny_random_qwen3_through_the_cli(tmp_path, slice_rows):
     recipe.write_text(f"""
 seed: 3
 model:
-  tokenizer: {shared_data_dir() / 'qwen3_tokenizer'}
+  tokenizer: {qwen3_tokenizer_dir()}
   hf_config: {{vocab_size: 151936, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
               num_attention_heads: 2, num_key_value_heads: 1, head_dim: 16, tie_word_embeddings: true}}
 data: {{reward: math}}

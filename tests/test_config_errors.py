@@ -1,9 +1,13 @@
 """Bad input gives one clear error line naming the field (or file:line), not a traceback from inside Megatron."""
+from pathlib import Path
+
 import pytest
 
-from tapo_megatron.cli import main
+from tapo_megatron.commands import main
 from tapo_megatron.config import ConfigError, load_config
-from tapo_megatron.paths import REPO_ROOT, shared_data_dir
+from tapo_megatron.data.assets import qwen3_tokenizer_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEMO = str(REPO_ROOT / "tapo_megatron" / "recipes" / "demo.yaml")
 
@@ -48,5 +52,5 @@ def test_malformed_data_rows_refused_with_file_and_line(capsys, tmp_path):
     data.write_text('{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "problem": "no answer"}\n')
     err = _run(capsys, "train", "--config", DEMO, "data.task=jsonl", f"data.train_file={data}",
                "data.on_bad_row=raise", "data.reward=math", "logging.wandb_mode=disabled",
-               f"model.tokenizer={shared_data_dir() / 'qwen3_tokenizer'}")
+               f"model.tokenizer={qwen3_tokenizer_dir()}")
     assert f"{data}:2" in err and "answer" in err

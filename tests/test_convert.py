@@ -28,7 +28,9 @@ from tapo_megatron.convert.qwen3 import (
 )
 from tapo_megatron.models.qwen3 import Qwen3Shape
 from tapo_megatron.parallel import ParallelConfigError
-from tapo_megatron.paths import REPO_ROOT, shared_data_dir
+from tapo_megatron.data.assets import qwen3_tokenizer_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _convert_worker import make_hf_model, tiny_qwen3_config  # noqa: E402
@@ -46,7 +48,7 @@ def _env() -> dict:
 def _make_work(root: Path, tied: bool) -> Path:
     hf = root / "hf"
     make_hf_model(hf, tied=tied)
-    tok = shared_data_dir() / "qwen3_tokenizer"
+    tok = qwen3_tokenizer_dir()
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok / name, hf / name)
     torch.manual_seed(1)

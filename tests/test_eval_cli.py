@@ -9,16 +9,16 @@ import pytest
 import torch
 import transformers
 
-from tapo_megatron import eval_cli
-from tapo_megatron.builders import PolicySource
-from tapo_megatron.cli import main
-from tapo_megatron.paths import shared_data_dir
+from tapo_megatron.evaluation import benchmarks as eval_cli
+from tapo_megatron.rollout.policy import PolicySource
+from tapo_megatron.commands import main
+from tapo_megatron.data.assets import data_file, qwen3_tokenizer_dir
 from tapo_megatron.records import FinishReason, Generation
 from tapo_megatron.rewards import extract_boxed, math_reward
 from tapo_megatron.rollout.base import RolloutEngine
 
-TOKENIZER = shared_data_dir() / "qwen3_tokenizer"
-AIME = [json.loads(line) for line in open(shared_data_dir() / "aime2024.jsonl", encoding="utf-8")]
+TOKENIZER = qwen3_tokenizer_dir()
+AIME = [json.loads(line) for line in open(data_file("aime2024.jsonl"), encoding="utf-8")]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_tiny_model_hf_dir_and_megatron_checkpoint(tmp_path, hf_dir):
     assert "| hf | aime24 | 3 | 4 |" in (tmp_path / "hf" / "summary.md").read_text()
 
     # The same weights as a Megatron checkpoint: converted on load, same samples with the same seed.
-    from tapo_megatron.convert.cli import hf_to_mcore
+    from tapo_megatron.convert.api import hf_to_mcore
 
     hf_to_mcore(hf_dir, tmp_path / "ckpt")
     assert main(["eval", "--model", str(tmp_path / "ckpt"), "--out", str(tmp_path / "mc"), "--label", "mcore",

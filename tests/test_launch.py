@@ -13,10 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from launch import experiment as ex  # noqa: E402
+from tapo_megatron.launch import experiment as ex
 
 IMAGE = "registry.example.com/tapo-megatron:0.1"
 
@@ -63,7 +60,7 @@ def test_slurm_dryrun_separate_engine_pool(tmp_path):
                        ("4,5", "${TAPO_MODELS}/Qwen3-8B", "30002"), ("6,7", "${TAPO_MODELS}/Qwen3-8B", "30003")]
     # trainer: the other 2 nodes, 8 ranks each, rendezvous on the first trainer node
     assert ("torchrun --nnodes=2 --nproc-per-node=8 --node-rank=$((SLURM_NODEID - ENGINE_NODES)) "
-            "--master-addr=${nodes[ENGINE_NODES]} --master-port=29500 -m tapo_megatron.cli train "
+            "--master-addr=${nodes[ENGINE_NODES]} --master-port=29500 -m tapo_megatron.commands train "
             "--config ${TAPO_RUNS}/qwen3_8b_tapo/config.yaml") in role
     assert "export TAPO_ENGINE_URLS=" in role
     assert '"rollout.engine_urls=[$TAPO_ENGINE_URLS]" rollout.weight_sync_master_address=${nodes[ENGINE_NODES]}' in role
@@ -73,14 +70,14 @@ def test_slurm_dryrun_separate_engine_pool(tmp_path):
     assert cfg["parallel"]["tensor_model_parallel_size"] == 2 and cfg["launch"]["engine_placement"] == "separate"
     assert cfg["rollout"]["weight_sync_mode"] == "distributed" and cfg["rollout"]["num_engines"] == 8
     assert cfg["tapo"]["enabled"] is True and cfg["train_iters"] == 500
-    assert cfg["data"]["train_file"] == "${TAPO_SHARED_DATA}/deepscaler_sample.jsonl"
+    assert cfg["data"]["train_file"] == "deepscaler"  # a shipped set: travels inside the installed package
 
 
 def test_slurm_dryrun_colocated_overrides(tmp_path):
     text, role = _render(_slurm_args(tmp_path, "qwen3_0_6b_grpo", "h100_1x8", "train_iters=7"))
     assert "#SBATCH --nodes=1" in text and "sglang.launch_server" not in role
     assert ("torchrun --nnodes=1 --nproc-per-node=8 --node-rank=$SLURM_NODEID --master-addr=${nodes[0]} "
-            "--master-port=29500 -m tapo_megatron.cli train") in role
+            "--master-port=29500 -m tapo_megatron.commands train") in role
     body = role.split("<<'TAPO_CONFIG_EOF'\n")[1].split("\nTAPO_CONFIG_EOF")[0]
     assert yaml.safe_load(body)["train_iters"] == 7
 
@@ -98,7 +95,7 @@ def test_docker_dryrun(tmp_path, monkeypatch):
         assert part in cmd, part
     assert "secret-key-123" not in text
     assert ("torchrun --nnodes=1 --nproc-per-node=8 --node-rank=0 --master-addr=localhost --master-port=29500 "
-            "-m tapo_megatron.cli train --config /runs/qwen3_1_7b_tapo/config.yaml") in role
+            "-m tapo_megatron.commands train --config /runs/qwen3_1_7b_tapo/config.yaml") in role
 
 
 def test_docker_refuses_separate_pool():
@@ -112,7 +109,7 @@ def test_local_torchrun_runs_tiny_recipe(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true",
            "NEMORUN_HOME": str(tmp_path / "nemorun_home")}
-    cmd = [sys.executable, str(REPO / "launch" / "experiment.py"), "local", "--recipe", "tiny", "--nproc", "2",
+    cmd = [sys.executable, "-m", "tapo_megatron.commands", "launch", "local", "--recipe", "tiny", "--nproc", "2",
            "--out", str(out), f"checkpoint.save={out}/ckpt", f"checkpoint.export_hf={out}/hf",
            f"logging.output_dir={out}/run"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tapo_megatron.models.hf_config import hf_config_from_qwen3, qwen3_preset
-from tapo_megatron.paths import shared_data_dir
+from tapo_megatron.data.assets import data_file
 from tapo_megatron.records import FinishReason, SamplingParams
 from tapo_megatron.rollout import NativeEngine, RolloutEngine, WeightUpdateError
 
@@ -388,7 +388,7 @@ def test_hf_config_from_presets_and_dicts():
     cfg = hf_config_from_qwen3(qwen3_preset("Qwen3-0.6B"))
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.head_dim, cfg.vocab_size) == (1024, 28, 128, 151936)
     assert cfg.tie_word_embeddings and cfg.rope_parameters["rope_theta"] == 1_000_000
-    entry = json.loads((shared_data_dir() / "qwen3_configs.json").read_text())["models"]["Qwen3-8B"]
+    entry = json.loads((data_file("qwen3_configs.json")).read_text())["models"]["Qwen3-8B"]
     cfg8 = hf_config_from_qwen3(entry)  # the {"config": ..., "source": ...} wrapper is unwrapped
     assert (cfg8.hidden_size, cfg8.num_key_value_heads, cfg8.tie_word_embeddings) == (4096, 8, False)
     tiny = hf_config_from_qwen3(TINY, attn_implementation="eager")

@@ -6,11 +6,11 @@ import pytest
 import torch
 import transformers
 
-from tapo_megatron.cli import main as tapo_main
+from tapo_megatron.commands import main as tapo_main
 from tapo_megatron.config import TrainConfig
 from tapo_megatron.models.hf_config import hf_config_from_qwen3, qwen3_preset
 from tapo_megatron.models.qwen3 import Qwen3Shape
-from tapo_megatron.plan import GB, PlanError, check_plan, make_plan, stage_parameters
+from tapo_megatron.launch.plan import GB, PlanError, check_plan, make_plan, stage_parameters
 from tapo_megatron.recipes import load_recipe
 
 

@@ -7,9 +7,10 @@ import os
 
 import pytest
 
+from tapo_megatron.errors import ConfigError
 from tapo_megatron.data.queries import BadRow, DataError, load_queries
 from tapo_megatron.data.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
-from tapo_megatron.paths import shared_data_dir
+from tapo_megatron.data.assets import data_file, qwen3_tokenizer_dir
 from tapo_megatron.tasks.arithmetic import ArithmeticTask, ArithmeticTokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -113,13 +114,13 @@ def test_limit_shuffle_and_prompt_builder(tmp_path):
 
 @pytest.fixture(scope="module")
 def qwen() -> HFTokenizer:
-    tok = load_tokenizer(shared_data_dir() / "qwen3_tokenizer")
+    tok = load_tokenizer(qwen3_tokenizer_dir())
     assert isinstance(tok, HFTokenizer)
     return tok
 
 
 def test_aime2024(qwen):
-    qf = load_queries(shared_data_dir() / "aime2024.jsonl", on_error="raise", tokenizer=qwen)
+    qf = load_queries(data_file("aime2024.jsonl"), on_error="raise", tokenizer=qwen)
     assert len(qf) == 30 and not qf.bad_rows
     assert qf.ids[0] == "aime2024-I-01" and qf.ids[-1] == "aime2024-II-15"
     assert qf[0].answer == "204" and qf[1].answer == "25"  # from the file's first rows (README: official answers)
@@ -131,7 +132,7 @@ def test_aime2024(qwen):
 
 
 def test_deepscaler_sample():
-    qf = load_queries(shared_data_dir() / "deepscaler_sample.jsonl", on_error="raise")
+    qf = load_queries(data_file("deepscaler_sample.jsonl"), on_error="raise")
     assert len(qf) == 2769 and not qf.bad_rows
     assert len(qf.solutions) == 781  # README: the Meta-Reason rows carry solutions, the other 1,988 have null
     assert qf[0].id == "deepscaler-mr-0000" and qf[0].answer == "-\\frac{2}{3}"
@@ -160,9 +161,9 @@ def test_qwen_tokenizer_wrapper(qwen):
 
 
 def test_load_tokenizer_arithmetic_and_errors(tmp_path):
-    tok = load_tokenizer("arithmetic")
-    assert isinstance(tok, ArithmeticTokenizer) and isinstance(tok, Tokenizer)
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    tok = ArithmeticTokenizer()  # the arithmetic task's own (tasks.arithmetic.tokenizer)
+    assert isinstance(tok, Tokenizer)
+    with pytest.raises(ConfigError, match="nothing is downloaded"):
         load_tokenizer("Qwen/Qwen3-8B")
     with pytest.raises(ValueError, match="no system prompt"):
         tok.chat_prompt_ids("1+2", system="hi")

@@ -8,11 +8,11 @@ from dataclasses import asdict
 import pytest
 
 from tapo_megatron.config import ConfigError, load_config
-from tapo_megatron.paths import shared_data_dir
+from tapo_megatron.data.assets import FILES_DIR, data_file, resolve_dataset
 from tapo_megatron.recipes import list_presets, list_recipes, load_recipe, recipe_path, resolve_recipe
 
 SIZES = {"0_6b": "Qwen3-0.6B", "1_7b": "Qwen3-1.7B", "4b": "Qwen3-4B", "8b": "Qwen3-8B"}
-REAL = json.loads((shared_data_dir() / "qwen3_configs.json").read_text())["models"]
+REAL = json.loads((data_file("qwen3_configs.json")).read_text())["models"]
 
 
 def test_all_recipes_and_presets_present():
@@ -32,11 +32,12 @@ def test_paper_settings_and_real_architecture(size):
     for key, value in cfg.model.hf_config.items():
         assert value == real[key], f"{size}: model.hf_config.{key}={value} but the released config has {real[key]}"
     assert cfg.model.name == SIZES[size]
-    # data: DeepScaleR + MATH for training, AIME24/AIME25/HMMT25 for evaluation, all present in shared/data
-    assert cfg.data.train_file.endswith("deepscaler_sample.jsonl") and cfg.data.train_files[0].endswith("math_train.jsonl")
-    assert [f.rsplit("/", 1)[1] for f in cfg.data.eval_files] == ["aime2024.jsonl", "aime2025.jsonl", "hmmt_feb2025.jsonl"]
-    for f in [cfg.data.train_file, *cfg.data.train_files, *cfg.data.eval_files, cfg.model.tokenizer]:
-        assert f.startswith(str(shared_data_dir())) and __import__("os").path.exists(f), f
+    # data: DeepScaleR + MATH for training, AIME24/AIME25/HMMT25 for evaluation, all shipped in the package
+    assert (cfg.data.train_file, cfg.data.train_files) == ("deepscaler", ["math"])
+    assert cfg.data.eval_files == ["aime24", "aime25", "hmmt25"] and cfg.model.tokenizer == "qwen3"
+    for f in [cfg.data.train_file, *cfg.data.train_files, *cfg.data.eval_files]:
+        path = resolve_dataset(f)
+        assert path.parent == FILES_DIR and path.is_file(), f
 
 
 @pytest.mark.parametrize("size", SIZES)

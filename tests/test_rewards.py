@@ -12,14 +12,13 @@ import time
 
 import pytest
 
-from tapo_megatron.paths import shared_data_dir
+from tapo_megatron.data.assets import data_file
 from tapo_megatron.rewards import (
     MathVerifier,
     VerificationPool,
     available_rewards,
     close_default_verifier,
     default_verifier,
-    exact_answer_reward,
     extract_boxed,
     find_boxed,
     get_reward,
@@ -29,6 +28,7 @@ from tapo_megatron.rewards import (
     score_batch,
     verify_math_answer,
 )
+from tapo_megatron.tasks.arithmetic import exact_answer_reward
 
 HMMT10_GOLD = r"\frac{-1+\sqrt{17}}{2}, \frac{-1-\sqrt{17}}{2}"
 EVAL_FILES = ("aime2024.jsonl", "aime2025.jsonl", "hmmt_feb2025.jsonl")
@@ -311,7 +311,7 @@ def test_throughput(verifier):
 def _eval_rows() -> list[dict]:
     rows = []
     for name in EVAL_FILES:
-        with open(shared_data_dir() / name, encoding="utf-8") as f:
+        with open(data_file(name), encoding="utf-8") as f:
             rows += [json.loads(line) for line in f if line.strip()]
     return rows
 
@@ -399,17 +399,17 @@ def test_registry_register_and_duplicates(monkeypatch):
 
 
 def test_registry_import_path_plugins():
-    assert get_reward("tapo_megatron.rewards.exact:exact_answer_reward") is exact_answer_reward
+    assert get_reward("tapo_megatron.tasks.arithmetic.reward:exact_answer_reward") is exact_answer_reward
     plugin = get_reward(f"{__name__}:scaled_reward")
     assert plugin("7", "7") == 0.5 and plugin("7", "8") == 0.0
     with pytest.raises(ImportError, match="cannot import module 'no_such_module_xyz'"):
         get_reward("no_such_module_xyz:fn")
     with pytest.raises(AttributeError, match="has no attribute 'missing'"):
-        get_reward("tapo_megatron.rewards.exact:missing")
+        get_reward("tapo_megatron.tasks.arithmetic.reward:missing")
     with pytest.raises(TypeError, match="not callable"):
-        get_reward("tapo_megatron.rewards.exact:_INTEGER")
+        get_reward("tapo_megatron.tasks.arithmetic.reward:_INTEGER")
     with pytest.raises(ValueError, match="must look like"):
-        get_reward("tapo_megatron.rewards.exact:")
+        get_reward("tapo_megatron.tasks.arithmetic.reward:")
 
 
 def test_registry_score_batch_uses_the_pool_for_math():

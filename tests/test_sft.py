@@ -11,7 +11,7 @@ import torch
 
 from tapo_megatron.data.queries import DataError
 from tapo_megatron.logging.tracker import read_metrics
-from tapo_megatron.paths import shared_data_dir
+from tapo_megatron.data.assets import data_file
 from tapo_megatron.sft import collate_sft, length_buckets, read_sft_rows
 
 WORKER = Path(__file__).with_name("_sft_worker.py")
@@ -53,7 +53,7 @@ def test_length_buckets_group_similar_lengths():
 
 def test_sft_tp2_loss_decreases_and_starts_rl(tmp_path):
     rows = []
-    with open(shared_data_dir() / "deepscaler_sample.jsonl", encoding="utf-8") as f:
+    with open(data_file("deepscaler_sample.jsonl"), encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             if len(row["problem"]) < 120:  # short prompts keep the 151,936-way logits small

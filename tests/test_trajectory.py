@@ -24,7 +24,7 @@ import pytest
 
 from tapo_megatron.config import AlgorithmConfig, TapoConfig
 from tapo_megatron.data.tokenizer import load_tokenizer
-from tapo_megatron.paths import shared_data_dir
+from tapo_megatron.data.assets import qwen3_tokenizer_dir
 from tapo_megatron.records import FinishReason, Generation, Provenance, Query, Rollout, SamplingParams, TrajectoryKind
 from tapo_megatron.rewards import exact_answer_reward
 from tapo_megatron.rollout.base import RolloutEngine
@@ -58,7 +58,7 @@ EPS = 1e-6
 
 @pytest.fixture(scope="module")
 def qwen():
-    return load_tokenizer(shared_data_dir() / "qwen3_tokenizer")
+    return load_tokenizer(qwen3_tokenizer_dir())
 
 
 def arith_rollout(query: Query, group_index: int, text: str, reward: float | None = None) -> Rollout:

@@ -4,6 +4,7 @@ Pure torch / Python, no Megatron: every function here runs on CPU tensors and is
 """
 from tapo_megatron.algorithms.advantages import (
     AdvantageFn,
+    AdvantageInput,
     AdvantageStats,
     ZeroVariancePolicy,
     decoupled_advantages,
@@ -36,6 +37,7 @@ from tapo_megatron.algorithms.reflection import DEFAULT_REFLECTION_PATTERNS, Ref
 
 __all__ = [
     "AdvantageFn",
+    "AdvantageInput",
     "AdvantageStats",
     "ZeroVariancePolicy",
     "decoupled_advantages",

@@ -7,7 +7,8 @@ Inputs are 1-D tensors over the N trajectories of one RL step (all queries, orig
     is_constructed  bool  [N]   True for TAPO's spliced micro-reflective trajectories
 
 Outputs are per-trajectory advantages [N] (the collate stage broadcasts them over the response tokens) and, for the
-registered estimators, an :class:`AdvantageStats` record for logging.
+registered estimators, an :class:`AdvantageStats` record for logging. Registered estimators take one typed record,
+:class:`AdvantageInput`, so a user's estimator never has to mirror keyword lists (``examples/advantage.py``).
 
 DAE (TAPO spec step 6): originals are normalised only among originals of the same group id, constructed trajectories
 only among constructed ones of the same group id. The split is done *here* by keying groups on the pair
@@ -22,7 +23,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable
 
 import torch
 
@@ -32,6 +33,9 @@ __all__ = [
     "ZeroVariancePolicy",
     "AdvantageStats",
     "AdvantageFn",
+    "AdvantageInput",
+    "dae_estimator",
+    "grpo_estimator",
     "group_normalized_advantages",
     "decoupled_advantages",
     "grpo_advantages",
@@ -293,27 +297,45 @@ def grpo_advantages(
 # Registry: the one place users plug in their own estimator.
 
 
-class AdvantageFn(Protocol):
-    """Signature every registered advantage estimator has; callers pass every keyword."""
+@dataclass(frozen=True)
+class AdvantageInput:
+    """What every registered advantage estimator receives: one RL step's trajectories and the settings."""
 
-    def __call__(
-        self,
-        rewards: torch.Tensor,  # [N]
-        group_ids: torch.Tensor,  # int [N]
-        is_constructed: torch.Tensor,  # bool [N]
-        *,
-        eps: float,
-        normalize_std: bool,
-        constructed_zero_variance: ZeroVariancePolicy | str,
-        fixed_value: float,
-    ) -> tuple[torch.Tensor, AdvantageStats]: ...
+    rewards: torch.Tensor  # float [N]: verifier reward of each trajectory
+    group_ids: torch.Tensor  # int [N]: trajectories sharing an id are normalised together (query index)
+    is_constructed: torch.Tensor  # bool [N]: True for TAPO's spliced trajectories
+    eps: float = 1e-6  # added to the group std
+    normalize_std: bool = True  # divide by the group std (False: mean-centring only, Dr. GRPO style)
+    constructed_zero_variance: ZeroVariancePolicy | str = ZeroVariancePolicy.ZERO  # DAE: all-equal constructed groups
+    fixed_value: float = 1.0  # DAE "fixed": the advantage magnitude of such groups
 
 
-ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+# An estimator: AdvantageInput -> (advantages float [N], AdvantageStats). Register with @register_advantage("name").
+AdvantageFn = Callable[[AdvantageInput], tuple[torch.Tensor, AdvantageStats]]
+
+
+def _check_estimator(fn: object, name: str) -> None:
+    if not callable(fn):
+        raise TypeError(f"advantage estimator {name!r}: {fn!r} is not callable")
+
+
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator", check=_check_estimator)
 register_advantage = ADVANTAGES.register  # decorator: @register_advantage("name")
 get_advantage = ADVANTAGES.get  # unknown names raise KeyError listing the valid ones
 list_advantages = ADVANTAGES.names
 
 
-register_advantage("grpo")(grpo_advantages)
-register_advantage("dae")(decoupled_advantages)
+@register_advantage("grpo")
+def grpo_estimator(inp: AdvantageInput) -> tuple[torch.Tensor, AdvantageStats]:
+    """GRPO over ``inp.group_ids`` (constructed trajectories mixed in: the no-DAE ablation)."""
+    return grpo_advantages(inp.rewards, inp.group_ids, inp.is_constructed, eps=inp.eps,
+                           normalize_std=inp.normalize_std, constructed_zero_variance=inp.constructed_zero_variance,
+                           fixed_value=inp.fixed_value)
+
+
+@register_advantage("dae")
+def dae_estimator(inp: AdvantageInput) -> tuple[torch.Tensor, AdvantageStats]:
+    """TAPO's Decoupled Advantage Estimation (``decoupled_advantages``)."""
+    return decoupled_advantages(inp.rewards, inp.group_ids, inp.is_constructed, eps=inp.eps,
+                                normalize_std=inp.normalize_std,
+                                constructed_zero_variance=inp.constructed_zero_variance, fixed_value=inp.fixed_value)

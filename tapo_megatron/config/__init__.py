@@ -15,9 +15,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A missing, unknown or contradictory config field; the message names it."""
+from tapo_megatron.errors import ConfigError
 
 
 @dataclass
@@ -25,18 +23,19 @@ class ModelConfig:
     name: str = ""  # checkpoint family, e.g. "Qwen3-8B": picks the entry of a parallelism preset (recipes/h100_*.yaml)
     hf_config: dict = field(default_factory=dict)  # HF Qwen3 config.json values (Qwen3Shape fields)
     hf_config_path: str = ""  # alternative: a config.json or an HF model dir
-    tokenizer: str = "arithmetic"  # "arithmetic" (demo) or a local tokenizer dir
+    tokenizer: str = ""  # "qwen3" (shipped), a local tokenizer dir, or empty: the task's own (arithmetic)
     params_dtype: str = "float32"  # float32 | bfloat16
     kernel_backend: str = "auto"  # log-prob/entropy/advantage kernels: auto (Triton on CUDA, torch on CPU) | triton | torch
 
 
 @dataclass
 class DataConfig:
-    task: str = "arithmetic"  # "arithmetic" (embedded demo task) or "jsonl" (train_file / eval_files)
-    train_file: str = ""  # JSONL with id, problem, answer (DeepScaleR / MATH format)
-    train_files: list = field(default_factory=list)  # more training JSONLs, appended after train_file (e.g. MATH)
-    eval_files: list = field(default_factory=list)  # JSONL eval sets (AIME24, AIME25, HMMT25)
-    reward: str = "exact"  # reward registry name ("exact", "math") or "pkg.module:function"
+    task: str = "arithmetic"  # task registry name: "arithmetic" (embedded demo), "math" (JSONL sets), or "pkg.mod:fn"
+    # math task: JSONL files with id, problem, answer, or shipped sets by name (deepscaler, math; aime24, aime25, hmmt25)
+    train_file: str = ""
+    train_files: list = field(default_factory=list)  # more training sets, appended after train_file (e.g. math)
+    eval_files: list = field(default_factory=list)  # eval sets (aime24, aime25, hmmt25 or JSONL paths)
+    reward: str = ""  # reward registry name ("exact", "math") or "pkg.module:function"; empty: the task's own
     on_bad_row: str = "skip"  # skip | raise
     num_train_problems: int = 20000  # arithmetic task: size of the training pool
     num_eval_problems: int = 500  # arithmetic task: held-out problems per evaluation
@@ -100,6 +99,8 @@ class AlgorithmConfig:
     adv_eps: float = 1e-6
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
+    policy_loss: str = "ppo_clip"  # policy-loss registry name or "pkg.module:function" (algorithms.losses)
+    # KL(pi || pi_ref) to the initial policy (the weights the run started from), per token; 0: no reference pass
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     drop_zero_variance_groups: bool = True  # originals whose group has one reward value carry no signal
@@ -224,10 +225,6 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.rollout.n_samples_per_prompt < 2:
             raise ConfigError("rollout.n_samples_per_prompt must be >= 2 (group-normalised advantages need a group)")
-        if self.data.task not in ("arithmetic", "jsonl"):
-            raise ConfigError(f"data.task={self.data.task!r}: expected 'arithmetic' or 'jsonl'")
-        if self.data.task == "jsonl" and not self.data.train_file:
-            raise ConfigError("data.train_file is required when data.task is 'jsonl'")
         if self.rollout.engine not in ("native", "sglang"):
             raise ConfigError(f"rollout.engine={self.rollout.engine!r}: expected 'native' or 'sglang'")
         if self.rollout.weight_sync_mode not in ("colocated", "distributed", "disk"):
@@ -261,6 +258,7 @@ class TrainConfig:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         if self.checkpoint.export_hf and not self.checkpoint.save:
             raise ConfigError("checkpoint.export_hf needs checkpoint.save: the export is made from the final checkpoint")
+        self._check_plugins()
         if self.launch.engine_placement not in ("colocated", "separate"):
             raise ConfigError(f"launch.engine_placement={self.launch.engine_placement!r}: expected colocated or separate")
         if self.launch.engine_placement == "separate" and self.launch.engine_nodes < 1:
@@ -270,6 +268,34 @@ class TrainConfig:
         if not 0.0 < self.launch.engine_mem_fraction < 1.0:
             raise ConfigError(f"launch.engine_mem_fraction={self.launch.engine_mem_fraction}: expected in (0, 1)")
         return self
+
+    def _check_plugins(self) -> None:
+        """Every registry name resolves now, not after the model and engine are built (imports are local: the
+        registries live in later stages, which import this module)."""
+        import tapo_megatron.tasks  # noqa: F401  (registers the built-in tasks and their rewards)
+        from tapo_megatron.algorithms.advantages import ADVANTAGES
+        from tapo_megatron.algorithms.losses import KL_ESTIMATORS, POLICY_LOSSES
+        from tapo_megatron.rewards import get_reward
+        from tapo_megatron.tasks import TASKS
+        from tapo_megatron.trajectory.constructors import CONSTRUCTORS
+
+        lookups = [("data.task", TASKS.get, self.data.task),
+                   ("algorithm.advantage_estimator", ADVANTAGES.get, self.algorithm.advantage_estimator),
+                   ("algorithm.policy_loss", POLICY_LOSSES.get, self.algorithm.policy_loss)]
+        if self.data.reward:
+            lookups.append(("data.reward", get_reward, self.data.reward))
+        if self.tapo.enabled:
+            lookups.append(("tapo.constructor", CONSTRUCTORS.get, self.tapo.constructor))
+        for field_name, get, value in lookups:
+            try:
+                get(value)
+            except (KeyError, ImportError, AttributeError, TypeError, ValueError) as exc:
+                raise ConfigError(f"{field_name}={value!r}: {str(exc).strip(chr(34) + chr(39))}") from None
+        if self.algorithm.kl_coef < 0:
+            raise ConfigError(f"algorithm.kl_coef={self.algorithm.kl_coef} must be >= 0")
+        if self.algorithm.kl_estimator not in KL_ESTIMATORS:
+            raise ConfigError(f"algorithm.kl_estimator={self.algorithm.kl_estimator!r}: expected one of "
+                              f"{', '.join(KL_ESTIMATORS)}")
 
 
 def _coerce(value, typ, where: str):
@@ -347,18 +373,18 @@ def expand_env(cfg):
     """Replace ``${VAR}`` in every string (and list-of-string) field with the environment's value, in place.
 
     Recipes name data and checkpoint locations through variables so one file serves a laptop, a container and a
-    cluster: ``${TAPO_SHARED_DATA}`` defaults to ``paths.shared_data_dir()``; other unset variables are left as
-    written, so the error that follows names the path that still reads ``${VAR}``.
+    cluster: ``${TAPO_DATA}`` defaults to the shipped data folder (``data.assets.FILES_DIR``); other unset
+    variables are left as written, so the error that follows names the path that still reads ``${VAR}``.
     """
     def sub(text: str) -> str:
         def one(m):
             name = m.group(1)
             if name in os.environ:
                 return os.environ[name]
-            if name == "TAPO_SHARED_DATA":
-                from tapo_megatron.paths import shared_data_dir
+            if name == "TAPO_DATA":
+                from tapo_megatron.data.assets import FILES_DIR
 
-                return str(shared_data_dir())
+                return str(FILES_DIR)
             return m.group(0)
         return _ENV_REF.sub(one, text)
 

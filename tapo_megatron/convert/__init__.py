@@ -6,7 +6,7 @@
 * ``mcore_writer``: writes a Megatron torch_dist checkpoint chunk by chunk from HF shards, without a model.
 * ``cli``: ``hf_to_mcore`` / ``mcore_to_hf`` (the ``tapo convert`` subcommands call these).
 """
-from tapo_megatron.convert.cli import hf_to_mcore, load_mcore_checkpoint, mcore_to_hf, read_ckpt_shape
+from tapo_megatron.convert.api import hf_to_mcore, load_mcore_checkpoint, mcore_to_hf, read_ckpt_shape
 from tapo_megatron.convert.hf_io import ConversionError, HFCheckpointReader, HFShardWriter, copy_hf_assets
 from tapo_megatron.convert.qwen3 import export_hf_weights, load_hf_weights
 

@@ -17,6 +17,7 @@ import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from tapo_megatron.errors import CheckpointError
 
 import torch
 
@@ -36,7 +37,7 @@ _DTYPES = {
 }
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """A checkpoint that cannot be converted: the message names the tensor, field or file at fault."""
 
 

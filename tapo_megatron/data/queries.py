@@ -1,7 +1,7 @@
 """Load problem sets from JSONL into ``Query`` records, reporting every bad row with file and line.
 
 Input: one JSON object per line with ``problem`` and ``answer`` (required, non-empty), ``id`` and ``source``
-(optional) and ``solution`` (optional), like the files in ``shared_data_dir()``::
+(optional) and ``solution`` (optional), like the shipped files (``data.assets``)::
 
     {"id": "aime2024-I-01", "problem": "Every morning Aya ...", "answer": "204", "source": "AIME 2024 I ..."}
 
@@ -12,7 +12,7 @@ field of the wrong type, or repeats an earlier id. With ``on_error="skip"`` each
 ``QueryFile.bad_rows`` and one warning gives the count; with ``on_error="raise"`` the first raises ``DataError``
 ("path:line: reason"). Blank lines hold no row and are passed over.
 
-    qf = load_queries(shared_data_dir() / "aime2024.jsonl", tokenizer=load_tokenizer(...))
+    qf = load_queries(data_file("aime2024.jsonl"), tokenizer=load_tokenizer("qwen3"))
     qf = qf.shuffle(seed=0)
 """
 from __future__ import annotations
@@ -26,20 +26,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 from tapo_megatron.data.tokenizer import Tokenizer
+from tapo_megatron.errors import DataError
 from tapo_megatron.records import Query
 
 logger = logging.getLogger(__name__)
 
 OnError = Literal["skip", "raise"]
 PromptBuilder = Callable[[str], list[int]]  # problem text -> prompt token ids
-
-
-class DataError(ValueError):
-    """A bad row in a data file; the message starts with ``path:line:``."""
-
-    def __init__(self, bad_row: "BadRow") -> None:
-        super().__init__(str(bad_row))
-        self.bad_row = bad_row
 
 
 @dataclass(frozen=True)

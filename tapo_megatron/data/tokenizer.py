@@ -1,11 +1,11 @@
-"""Tokenizers behind one duck-typed interface, so every stage works with the demo task and with Qwen3.
+"""Tokenizers behind one duck-typed interface (``Tokenizer``), so every stage works with the demo task and Qwen3.
 
-    load_tokenizer("arithmetic")                       -> ArithmeticTokenizer (char-level demo vocabulary)
-    load_tokenizer(shared_data_dir()/"qwen3_tokenizer") -> HFTokenizer (transformers AutoTokenizer, local files only)
+    load_tokenizer("qwen3")                  -> HFTokenizer of the shipped Qwen3 tokenizer (data/files/qwen3_tokenizer)
+    load_tokenizer("/path/to/hf_dir")        -> HFTokenizer (transformers AutoTokenizer, local files only)
 
-Both provide ``encode(text) -> list[int]`` (no special tokens added), ``decode(ids, skip_special=True) -> str``,
+The arithmetic task's char tokenizer lives with its task (``tasks.arithmetic.tokenizer``). All provide ``encode(text) -> list[int]`` (no special tokens added), ``decode(ids, skip_special=True) -> str``,
 ``eos_id``, ``pad_id``, ``vocab_size`` and ``chat_prompt_ids(problem, system=None, enable_thinking=False)``.
-Nothing is downloaded: a name that is not "arithmetic" must be an existing local folder.
+Nothing is downloaded: a name that is not "qwen3" must be an existing local folder.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from tapo_megatron.tasks.arithmetic import ArithmeticTokenizer
+from tapo_megatron.errors import ConfigError
 
 
 @runtime_checkable
@@ -91,16 +91,17 @@ class HFTokenizer:
         return self.encode(text)
 
 
-def load_tokenizer(name_or_path: str | os.PathLike[str]) -> ArithmeticTokenizer | HFTokenizer:
-    """``"arithmetic"`` -> the demo's char tokenizer; a local folder -> ``HFTokenizer`` (never downloads)."""
-    if str(name_or_path) == "arithmetic":
-        return ArithmeticTokenizer()
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> HFTokenizer:
+    """``"qwen3"`` -> the shipped Qwen3 tokenizer; a local folder -> ``HFTokenizer`` (never downloads)."""
+    if str(name_or_path) == "qwen3":
+        from tapo_megatron.data.assets import qwen3_tokenizer_dir
+
+        name_or_path = qwen3_tokenizer_dir()
     path = Path(name_or_path)
     if not path.is_dir():
-        raise FileNotFoundError(
-            f"tokenizer {str(name_or_path)!r}: not 'arithmetic' and not a local folder (hub names are not "
-            "supported: nothing is downloaded; e.g. use tapo_megatron.paths.shared_data_dir() / 'qwen3_tokenizer')"
-        )
+        raise ConfigError(
+            f"tokenizer {str(name_or_path)!r}: not 'qwen3' (the shipped Qwen3 tokenizer) and not a local folder "
+            "(hub names are not supported: nothing is downloaded)")
     from transformers import AutoTokenizer  # imported here: transformers takes seconds to import
 
     return HFTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True))

@@ -8,16 +8,19 @@ import subprocess
 import time
 from pathlib import Path
 
-from tapo_megatron.paths import REPO_ROOT
+CHECKOUT = Path(__file__).resolve().parents[2]  # the repository, when the package runs from a checkout
 
 
 def git_commit() -> str:
-    """HEAD of the checkout; in the container (no .git) the commit baked in at build time ($TAPO_GIT_COMMIT)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        head = ""
+    """HEAD of the checkout; installed (no .git beside the package, e.g. in the container) the commit baked in at
+    build time ($TAPO_GIT_COMMIT)."""
+    head = ""
+    if (CHECKOUT / ".git").exists():
+        try:
+            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True,
+                                  timeout=5).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            head = ""
     return head or os.environ.get("TAPO_GIT_COMMIT", "")
 
 
@@ -61,6 +64,15 @@ class MetricsLogger:
             import wandb
 
             self._wandb.log({k: wandb.Image(str(v)) for k, v in images.items() if Path(v).is_file()})
+
+    def upload_curves(self, keys: list[str], title: str) -> Path:
+        """This run's curves of ``keys`` as ``curves.png`` next to metrics.jsonl, also logged to wandb."""
+        from tapo_megatron.logging.plots import plot_curves
+
+        png = plot_curves({self.output_dir.name: read_metrics(self.path)}, keys, self.output_dir / "curves.png",
+                          title=title)
+        self.log_images({"curves": png})
+        return png
 
     def close(self) -> None:
         self._file.close()

@@ -2,7 +2,7 @@
 
 Inputs accepted by :func:`hf_config_from_qwen3`:
 - a plain HF ``config.json`` dict (``{"hidden_size": 1024, ...}``), e.g. a tiny test model's;
-- an entry of ``shared/data/qwen3_configs.json`` (``{"config": {...}, "source": ...}``), unwrapped automatically;
+- an entry of the shipped ``qwen3_configs.json`` (``data.assets``) (``{"config": {...}, "source": ...}``), unwrapped automatically;
 - a ``Qwen3Config`` (returned as a copy, with the attention implementation set).
 
 Field defaults match ``tapo_megatron.models.qwen3.Qwen3Shape.from_hf`` so that the Megatron builder and the HF
@@ -23,7 +23,7 @@ from typing import Any
 
 import transformers
 
-from tapo_megatron.paths import shared_data_dir
+from tapo_megatron.data.assets import data_file
 
 # The architecture fields every dict must give (head_dim has a derived default, see module docstring).
 REQUIRED_FIELDS = (
@@ -48,8 +48,8 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 def qwen3_preset(name: str) -> dict:
     """The HF config dict of a named Qwen3 checkpoint (``"Qwen3-0.6B"``, ``"Qwen3-1.7B"``, ``"Qwen3-4B"``,
-    ``"Qwen3-8B"``) from ``shared_data_dir()/qwen3_configs.json``."""
-    models = json.loads((shared_data_dir() / "qwen3_configs.json").read_text())["models"]
+    ``"Qwen3-8B"``) from the shipped ``qwen3_configs.json``."""
+    models = json.loads(data_file("qwen3_configs.json").read_text())["models"]
     if name not in models:
         raise KeyError(f"unknown Qwen3 preset {name!r}; known: {', '.join(sorted(models))}")
     return dict(models[name]["config"])

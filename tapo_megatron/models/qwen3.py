@@ -14,10 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tapo_megatron.parallel import ParallelConfigError, ParallelContext, check_layout, is_gpu
+from tapo_megatron.config import ConfigError, ModelConfig
+from tapo_megatron.parallel import ParallelContext, check_layout, is_gpu
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(ConfigError):
     """A model config that is missing a field or contradicts itself."""
 
 
@@ -77,6 +78,11 @@ class Qwen3Shape:
             **asdict(self),
         }
 
+    def layout_dims(self) -> dict[str, int]:
+        """What a TP x PP layout must divide (``parallel.check_layout`` keywords)."""
+        return dict(num_layers=self.num_hidden_layers, num_heads=self.num_attention_heads,
+                    num_kv_heads=self.num_key_value_heads, vocab_size=self.vocab_size)
+
     def num_parameters(self) -> int:
         h, l, i, v = self.hidden_size, self.num_hidden_layers, self.intermediate_size, self.vocab_size
         q, kv = self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim
@@ -86,10 +92,19 @@ class Qwen3Shape:
 
 def check_parallel(shape: Qwen3Shape, tp: int, pp: int, world_size: int | None = None) -> None:
     """Refuse a layout the model cannot be split into, naming the field."""
-    check_layout(world_size if world_size is not None else tp * pp, tp, pp, num_layers=shape.num_hidden_layers,
-                 num_heads=shape.num_attention_heads, num_kv_heads=shape.num_key_value_heads)
-    if shape.vocab_size % tp:
-        raise ParallelConfigError(f"tensor_model_parallel_size={tp} does not divide vocab_size={shape.vocab_size}")
+    check_layout(world_size if world_size is not None else tp * pp, tp, pp, **shape.layout_dims())
+
+
+def shape_from_config(model: ModelConfig) -> Qwen3Shape:
+    """The model's shape from ``model.hf_config`` (inline values) or ``model.hf_config_path`` (a config.json or an
+    HF directory)."""
+    if model.hf_config:
+        return Qwen3Shape.from_hf(model.hf_config)
+    path = Path(model.hf_config_path)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"model.hf_config_path={model.hf_config_path!r}: no config.json there")
+    return Qwen3Shape.from_hf(json.loads(path.read_text()))
 
 
 def have_transformer_engine() -> bool:

@@ -10,12 +10,13 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
+from tapo_megatron.errors import ConfigError
 
 import torch
 import torch.distributed as dist
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(ConfigError):
     """A parallel layout that cannot work (raised before anything is built)."""
 
 
@@ -74,7 +75,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_layout(world_size: int, tp: int, pp: int, num_layers: int | None = None,
-                 num_heads: int | None = None, num_kv_heads: int | None = None) -> int:
+                 num_heads: int | None = None, num_kv_heads: int | None = None, vocab_size: int | None = None) -> int:
     """Validate a TP x PP layout against the world size and model shape; return the DP size."""
     if tp < 1 or pp < 1:
         raise ParallelConfigError(f"tensor_model_parallel_size={tp} and pipeline_model_parallel_size={pp} must be >= 1")
@@ -91,7 +92,23 @@ def check_layout(world_size: int, tp: int, pp: int, num_layers: int | None = Non
     if num_layers is not None and num_layers % pp:
         raise ParallelConfigError(
             f"pipeline_model_parallel_size={pp} does not divide num_hidden_layers={num_layers}")
+    if vocab_size is not None and vocab_size % tp:
+        raise ParallelConfigError(f"tensor_model_parallel_size={tp} does not divide vocab_size={vocab_size}")
     return world_size // (tp * pp)
+
+
+def launched_world_size() -> int | None:
+    """The world size torchrun (or Slurm via torchrun) launched this process into; None for a plain process."""
+    return int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None
+
+
+def setup_parallel(tp: int, pp: int, seed: int, **model_dims: int) -> ParallelContext:
+    """Check the layout against the launch and the model (``num_layers``, ``num_heads``, ``num_kv_heads``,
+    ``vocab_size``: ``Qwen3Shape.layout_dims()``), then initialise it. Refusing a layout the model cannot be split
+    into here names the field; Megatron would raise from deep inside."""
+    world = launched_world_size()
+    check_layout(world if world is not None else tp * pp, tp, pp, **model_dims)
+    return init_parallel(tp, pp, seed=seed)
 
 
 def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: int = 30) -> ParallelContext:
@@ -137,6 +154,15 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_minutes: i
         tp_group=ps.get_tensor_model_parallel_group(), pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(), mp_group=ps.get_model_parallel_group(),
     )
+
+
+def broadcast_object(obj, ctx: ParallelContext):
+    """``obj`` from global rank 0 to every rank (pickled); a no-op in a single process."""
+    if ctx.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def destroy_parallel() -> None:

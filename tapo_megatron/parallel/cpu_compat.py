@@ -2,7 +2,7 @@
 
 Megatron-Core assumes CUDA throughout. On a machine without CUDA, ``install()`` (called once by
 ``tapo_megatron.parallel.init_parallel`` before any model is built) applies the compatibility layer that
-../shared/STACK_NOTES.md measured as sufficient:
+was measured to be sufficient (megatron-core 0.19.2, torch 2.13 CPU):
 
 * ``torch.cuda.current_device`` and every ``device="cuda"`` / ``.cuda()`` / ``.to("cuda")`` inside Megatron resolve
   to the CPU: a global ``TorchFunctionMode`` rewrites CUDA device arguments (about 200 call sites in megatron.core).

@@ -1,20 +1,20 @@
 """Reward functions by name: the one place users plug in their own verifier.
 
 Every reward has one signature, ``RewardFn = (response: str, gold: str) -> float``. Built-in names:
-``"math"`` (``math_reward``, math_verify in a deadline pool) and ``"exact"`` (``exact_answer_reward``, the demo
-task's ``A<integer>`` answer). A name containing ``":"`` is a dotted import path to a user plug-in,
+``"math"`` (``math_reward``, math_verify in a deadline pool); tasks register their own (the arithmetic task's
+``"exact"``, in ``tasks/arithmetic/reward.py``). A name containing ``":"`` is a dotted import path to a user plug-in,
 ``"my_pkg.my_module:my_reward"``, imported on lookup.
 
     @register_reward("my_reward")
     def my_reward(response: str, gold: str) -> float: ...
 
     reward_fn = get_reward(config.data.reward)   # "math", "exact", "my_reward" or "my_pkg.mod:fn"
-    rewards = score_batch(reward_fn, responses, golds)   # uses reward_fn.score_batch if it has one
+    rewards = score_batch(reward_fn, responses, golds)   # rewards.scoring: reward_fn.score_batch if it has one
 """
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Sequence
+from typing import Callable
 
 from tapo_megatron.registry import Registry
 
@@ -44,16 +44,3 @@ REWARDS: Registry[RewardFn] = Registry("reward", check=_check_signature)
 register_reward = REWARDS.register  # decorator: @register_reward("name"); duplicates and ':' in names refused
 get_reward = REWARDS.get  # a registered name or "pkg.module:function"; unknown names list the registered ones
 available_rewards = REWARDS.names
-
-
-def score_batch(reward_fn: RewardFn, responses: Sequence[str], golds: Sequence[str]) -> list[float]:
-    """Rewards for ``zip(responses, golds)``: ``reward_fn.score_batch(responses, golds)`` when the function offers
-    a batched path (``math_reward`` does: its pool's workers run in parallel), else one call per pair."""
-    if len(responses) != len(golds):
-        raise ValueError(f"responses has {len(responses)} items but golds has {len(golds)}")
-    batched = getattr(reward_fn, "score_batch", None)
-    if callable(batched):
-        return [float(x) for x in batched(responses, golds)]
-    return [float(reward_fn(r, g)) for r, g in zip(responses, golds)]
-
-

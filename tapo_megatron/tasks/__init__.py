@@ -1,36 +1,9 @@
-"""Built-in tasks. ``arithmetic``: the embedded CPU demo (char-level, step-verifiable multi-step arithmetic)."""
-from tapo_megatron.tasks.arithmetic import (
-    CORRECTION_MARKER,
-    ArithmeticTask,
-    ArithmeticTokenizer,
-    Step,
-    StepCheck,
-    StepErrorKind,
-    check_steps,
-    encode_prompt,
-    evaluate,
-    extract_answer,
-    format_prompt,
-    is_reflective,
-    solution_steps,
-    solution_text,
-    write_correction,
-)
+"""Tasks: queries, reward, reflection detector, step verifier and tokenizer as one object (``tasks.base.Task``).
 
-__all__ = [
-    "CORRECTION_MARKER",
-    "ArithmeticTask",
-    "ArithmeticTokenizer",
-    "Step",
-    "StepCheck",
-    "StepErrorKind",
-    "check_steps",
-    "encode_prompt",
-    "evaluate",
-    "extract_answer",
-    "format_prompt",
-    "is_reflective",
-    "solution_steps",
-    "solution_text",
-    "write_correction",
-]
+``build_task(cfg.data, cfg.model, seed)`` looks ``data.task`` up: ``arithmetic`` (embedded CPU demo), ``math``
+(real data sets, math-verify), or a user's ``pkg.module:function``.
+"""
+from tapo_megatron.tasks.base import TASKS, Task, build_task, register_task  # noqa: I001  (first: tasks register)
+from tapo_megatron.tasks import arithmetic, math  # noqa: F401  (registers the built-in tasks)
+
+__all__ = ["TASKS", "Task", "build_task", "register_task"]

@@ -18,23 +18,24 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from tapo_megatron.errors import TapoError
 
 import torch
 import torch.distributed as dist
 
 from tapo_megatron.config import OptimizerConfig, ParallelConfig
+from tapo_megatron.convert.checkpoints import LATEST_FILE, resolve_checkpoint
 from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3
 from tapo_megatron.parallel import ParallelContext
 from tapo_megatron.training.logprobs import vocab_parallel_logprobs_and_entropy
 
-LATEST_FILE = "latest_checkpointed_iteration.txt"  # Megatron's name for the pointer to the newest checkpoint
 
 # loss_fn(logprobs [mb, T], micro_batch: dict[str, Tensor]) -> (loss, metrics). The loss must already be
 # normalised by GLOBAL token counts, so that the sum over micro-batches and data-parallel ranks is the batch loss.
 LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TapoError, RuntimeError):
     """The loss or gradient norm was NaN/inf; the step was not applied."""
 
 
@@ -214,6 +215,11 @@ class MegatronActor:
         self.iteration += 1
         return StepResult(loss=metrics.pop("loss"), grad_norm=grad_norm, lr=lr, metrics=metrics)
 
+    def skip_step(self) -> None:
+        """Consume an iteration without an update (nothing carried signal, or the step was non-finite), so the lr
+        schedule, the weight version and resume stay aligned with the loop's step count."""
+        self.iteration += 1
+
     def _reduce_metrics(self, outputs: list[dict]) -> dict:
         """Sum "loss" over micro-batches and DP ranks (it is globally normalised); average other metrics."""
         names = sorted(outputs[0]) if outputs else []
@@ -386,25 +392,3 @@ def _patch_torch_adam_reshardable_load() -> None:
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_loaded_states
     _PATCHED = True
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """``path`` itself if it is a checkpoint dir, else the one its ``latest`` pointer names."""
-    path = Path(path)
-    if (path / "state.json").is_file():
-        return path
-    pointer = path / LATEST_FILE
-    if not pointer.is_file():
-        raise FileNotFoundError(f"no checkpoint in {path} (neither state.json nor {LATEST_FILE})")
-    ckpt = path / f"iter_{int(pointer.read_text().strip()):07d}"
-    if not (ckpt / "state.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {ckpt}, which is missing or incomplete")
-    return ckpt
-
-
-def has_checkpoint(path: str | Path) -> bool:
-    try:
-        resolve_checkpoint(path)
-        return True
-    except FileNotFoundError:
-        return False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from tapo_megatron.algorithms.losses import policy_loss
+from tapo_megatron.algorithms.losses import get_policy_loss
 from tapo_megatron.algorithms.ots import ots_weights
 from tapo_megatron.config import AlgorithmConfig, TapoConfig
 from tapo_megatron.records import Provenance, TrainBatch, Trajectory, TrajectoryKind
@@ -83,7 +83,9 @@ def batch_tensors(batch: TrainBatch) -> dict[str, torch.Tensor]:
 
 
 def make_policy_loss_fn(batch: TrainBatch, algo: AlgorithmConfig, tapo: TapoConfig):
-    """A LossFn for the actor: TAPO's decoupled PPO-clip loss, normalised by the batch's global token counts."""
+    """A LossFn for the actor: the registered policy loss ``algo.policy_loss`` (default TAPO's decoupled PPO-clip),
+    normalised by the batch's global token counts."""
+    policy_loss = get_policy_loss(algo.policy_loss)
     mask = batch.loss_mask.bool()
     n_orig = float((mask & ~batch.is_constructed[:, None]).sum())
     n_cons = float((mask & batch.is_constructed[:, None]).sum())

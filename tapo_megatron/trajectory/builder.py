@@ -45,11 +45,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tapo_megatron.algorithms.advantages import AdvantageStats, ZeroVariancePolicy, get_advantage
+from tapo_megatron.algorithms.advantages import AdvantageInput, AdvantageStats, ZeroVariancePolicy, get_advantage
 from tapo_megatron.config import AlgorithmConfig, TapoConfig
 from tapo_megatron.data.tokenizer import Tokenizer
 from tapo_megatron.records import Provenance, Query, Rollout, Trajectory, TrajectoryKind
 from tapo_megatron.rewards.registry import RewardFn
+from tapo_megatron.rewards.scoring import score_batch
 from tapo_megatron.trajectory.candidates import is_candidate, is_correct, select_pairs
 from tapo_megatron.trajectory.constructors import ConstructionRequest, Constructor
 from tapo_megatron.trajectory.parse import FailureReason
@@ -227,11 +228,13 @@ class TrajectoryBuilder:
                 failures[result.failure] += 1
                 continue
             trajectory = result.trajectory
-            # Score what will be trained on: the decoded spliced response, by the same verifier as the rollouts.
             trajectory.response_text = tok.decode(trajectory.response_ids)
-            trajectory.reward = float(self.reward_fn(trajectory.response_text, request.query.answer))
             out.append(trajectory)
             out_query_index.append(qi)
+        # Score what will be trained on: the decoded spliced responses, in one batch, by the rollouts' verifier.
+        golds = [queries[qi].answer for qi in out_query_index]
+        for trajectory, reward in zip(out, score_batch(self.reward_fn, [t.response_text for t in out], golds)):
+            trajectory.reward = reward
 
         attempted = len(requests)
         metrics: dict[str, float] = {
@@ -251,13 +254,10 @@ class TrajectoryBuilder:
         rewards = torch.tensor([t.reward for t in trajectories], dtype=torch.float64)
         group_ids = torch.tensor(query_index, dtype=torch.long)
         is_constructed = torch.tensor([t.kind is TrajectoryKind.CONSTRUCTED for t in trajectories], dtype=torch.bool)
-        adv, stats = self.advantage_fn(
-            rewards, group_ids, is_constructed,
-            eps=self.algo.adv_eps,
-            normalize_std=self.algo.normalize_std,
+        adv, stats = self.advantage_fn(AdvantageInput(
+            rewards, group_ids, is_constructed, eps=self.algo.adv_eps, normalize_std=self.algo.normalize_std,
             constructed_zero_variance=self.tapo.constructed_zero_variance,
-            fixed_value=self.tapo.constructed_fixed_advantage,
-        )
+            fixed_value=self.tapo.constructed_fixed_advantage))
         for t, a in zip(trajectories, adv.tolist()):
             t.advantage = float(a)
         return stats

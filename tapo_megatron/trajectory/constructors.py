@@ -12,9 +12,9 @@ Registered constructors (``build_constructor(tapo_cfg, engine=..., tokenizer=...
   construction prompt rendered from a template file (default ``templates/construction_prompt.txt``, placeholders
   ``{problem}``, ``{wrong_solution}``, ``{reference_solution}``) in the tokenizer's chat format. One engine call per
   step for all requests.
-- ``"step_verifier"`` (``StepVerifierConstructor``): for the embedded arithmetic task; finds the first wrong step
-  programmatically (``tasks.arithmetic.check_steps``) and writes the correction (``write_correction``: the marker
-  ``W`` is that task's "wait").
+- ``"step_verifier"`` (``StepVerifierConstructor``): for a task with a step verifier (``Task.step_verifier``, e.g.
+  the arithmetic demo's): the verifier finds the first wrong step programmatically and writes the correction. This is
+  an oracle, not the method: the program, not the policy, writes the correction.
 
 Add one with ``@register_constructor("name")`` on a ``Constructor`` subclass implementing ``construct`` and
 ``from_config``; names are unique, and an unknown name lists the registered ones.
@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import ClassVar, Protocol
 
 from tapo_megatron.config import TapoConfig
+from tapo_megatron.errors import ConfigError
 from tapo_megatron.data.tokenizer import Tokenizer
 from tapo_megatron.records import FinishReason, Query, Rollout, SamplingParams
 from tapo_megatron.registry import Registry
 from tapo_megatron.rollout.base import RolloutEngine
-from tapo_megatron.tasks import arithmetic
 from tapo_megatron.trajectory.parse import DEFAULT_MAX_CHARS, Construction, FailureReason, parse_construction
 from tapo_megatron.trajectory.splice import response_body_ids
 
@@ -44,7 +44,6 @@ __all__ = [
     "Constructor",
     "PolicyConstructor",
     "StepVerifierTask",
-    "ArithmeticStepVerifier",
     "StepVerifierConstructor",
     "render_construction_prompt",
     "register_constructor",
@@ -88,6 +87,16 @@ class ConstructionRequest:
         return self.correct_text or self.correct.response_text
 
 
+class StepVerifierTask(Protocol):
+    """A task whose solutions can be checked step by step."""
+
+    def write_correction(self, problem: str, response_text: str) -> str | None:
+        """The reconstruction (wrong prefix + correction + correct continuation); None if nothing is wrong."""
+
+    def describe_first_error(self, problem: str, response_text: str) -> str:
+        """A one-sentence diagnosis of the first faulty step."""
+
+
 class Constructor(abc.ABC):
     """Turns construction requests into parsed constructions (one per request, same order)."""
 
@@ -100,9 +109,11 @@ class Constructor(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def from_config(
-        cls, tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None
+        cls, tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None,
+        step_verifier: StepVerifierTask | None = None,
     ) -> Constructor:
-        """Build from the ``tapo`` config section (and the engine/tokenizer when the constructor needs them)."""
+        """Build from the ``tapo`` config section, and what the constructor needs of the run: the rollout engine
+        (serving the current policy), the policy's tokenizer, the task's step verifier (None when it has none)."""
 
 
 def _check_constructor(cls, name: str) -> None:
@@ -127,10 +138,12 @@ def register_constructor(name: str) -> Callable[[type[Constructor]], type[Constr
 
 
 def build_constructor(
-    tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None
+    tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None,
+    step_verifier: StepVerifierTask | None = None,
 ) -> Constructor:
-    """The constructor named by ``tapo.constructor``, configured from ``tapo``."""
-    return get_constructor(tapo.constructor).from_config(tapo, engine=engine, tokenizer=tokenizer)
+    """The constructor named by ``tapo.constructor`` (looked up in the registry), configured from ``tapo``."""
+    return get_constructor(tapo.constructor).from_config(tapo, engine=engine, tokenizer=tokenizer,
+                                                         step_verifier=step_verifier)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,7 +220,8 @@ class PolicyConstructor(Constructor):
 
     @classmethod
     def from_config(
-        cls, tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None
+        cls, tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None,
+        step_verifier: StepVerifierTask | None = None,
     ) -> PolicyConstructor:
         if engine is None or tokenizer is None:
             raise ValueError("tapo.constructor='policy' needs the rollout engine and the tokenizer")
@@ -248,44 +262,6 @@ class PolicyConstructor(Constructor):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class StepVerifierTask(Protocol):
-    """A task whose solutions can be checked step by step."""
-
-    def write_correction(self, problem: str, response_text: str) -> str | None:
-        """The reconstruction (wrong prefix + correction + correct continuation); None if nothing is wrong."""
-
-    def describe_first_error(self, problem: str, response_text: str) -> str:
-        """A one-sentence diagnosis of the first faulty step."""
-
-
-class ArithmeticStepVerifier:
-    """``StepVerifierTask`` of the embedded arithmetic task (``tasks.arithmetic``)."""
-
-    def write_correction(self, problem: str, response_text: str) -> str | None:
-        return arithmetic.write_correction(problem, response_text)
-
-    def describe_first_error(self, problem: str, response_text: str) -> str:
-        check = arithmetic.check_steps(problem, response_text)
-        if check is None:
-            return "The solution is correct."
-        kind, n, found, expected = check.kind, check.step_index + 1, check.found, check.expected
-        K = arithmetic.StepErrorKind
-        if kind is K.WRONG_RESULT:
-            return f"Step {n}, '{found}', has a wrong result: it should be '{expected}'."
-        if kind is K.WRONG_ORDER:
-            return (f"Step {n}, '{found}', is not the next operation: multiplications come first, then left to "
-                    f"right, so the next step is '{expected}'.")
-        if kind is K.MALFORMED:
-            return f"Step {n}, '{found}', is malformed; it should be '{expected}'."
-        if kind is K.EXTRA_STEP:
-            return f"All steps were already done; '{found}' is an extra step where the answer '{expected}' belongs."
-        if kind is K.PREMATURE_ANSWER:
-            return f"The answer '{found}' is given before step {n}, '{expected}', was computed."
-        if kind is K.WRONG_ANSWER:
-            return f"Every step is right, but the final answer '{found}' should be '{expected}'."
-        return f"The solution stops before step {n}; it should continue with '{expected}'."  # INCOMPLETE
-
-
 @register_constructor("step_verifier")
 class StepVerifierConstructor(Constructor):
     """Writes constructions programmatically for a step-verifiable task (default: the arithmetic demo).
@@ -295,14 +271,18 @@ class StepVerifierConstructor(Constructor):
     faulty step fails as ``no_error``.
     """
 
-    def __init__(self, task: StepVerifierTask | None = None) -> None:
-        self.task = task if task is not None else ArithmeticStepVerifier()
+    def __init__(self, task: StepVerifierTask) -> None:
+        self.task = task
 
     @classmethod
     def from_config(
-        cls, tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None
+        cls, tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None,
+        step_verifier: StepVerifierTask | None = None,
     ) -> StepVerifierConstructor:
-        return cls()  # needs neither the engine nor the tokenizer
+        if step_verifier is None:
+            raise ConfigError("tapo.constructor='step_verifier' needs a task with a step verifier (the arithmetic "
+                              "task has one; math tasks do not: use tapo.constructor='policy')")
+        return cls(step_verifier)  # needs neither the engine nor the tokenizer
 
     def construct(self, requests: Sequence[ConstructionRequest]) -> list[Construction]:
         out: list[Construction] = []

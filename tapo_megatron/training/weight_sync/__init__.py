@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from tapo_megatron.config import RolloutConfig
 from tapo_megatron.rollout.base import RolloutEngine
 from tapo_megatron.training.weight_sync.check import check_logprobs, engine_prompt_logprobs, probe_tokens
 from tapo_megatron.training.weight_sync.common import (
@@ -76,9 +77,35 @@ def make_weight_sync(mode: str, actor, engine: RolloutEngine | None, bucket_byte
     raise ValueError(f"rollout.weight_sync_mode={mode!r}: expected one of {', '.join(SYNC_MODES)}")
 
 
+def connect_weight_sync(rollout: RolloutConfig, actor, engine: RolloutEngine | None) -> WeightSync:
+    """The transport of ``rollout.weight_sync_mode`` (colocated / distributed / disk), connected. Collective."""
+    servers = None
+    if rollout.weight_sync_mode == "distributed":
+        from tapo_megatron.rollout.sglang import EngineServer
+
+        # Every trainer rank posts to the servers: rank 0 has the engine's; the others address the same URLs.
+        servers = engine.servers if engine is not None else [EngineServer(url=u) for u in rollout.engine_urls]
+    sync = make_weight_sync(rollout.weight_sync_mode, actor, engine, int(rollout.weight_sync_bucket_mb * 2**20),
+                            servers=servers, disk_root=rollout.weight_sync_dir,
+                            master_address=rollout.weight_sync_master_address)
+    sync.connect()
+    return sync
+
+
+def push_weights(sync: WeightSync, rollout: RolloutConfig, actor, engine: RolloutEngine | None,
+                 probes: torch.Tensor | None) -> dict:
+    """Sync the actor's weights into the engines as version ``actor.iteration`` and, with
+    ``rollout.weight_sync_check="logprobs"``, compare probe log-probs. Returns the ``sync/*`` metrics. Collective."""
+    metrics = sync.sync(actor.iteration).as_metrics()
+    if rollout.weight_sync_check == "logprobs":
+        metrics["sync/check_max_abs_logprob"] = check_logprobs(actor, engine, probes, rollout.weight_sync_check_atol)
+    return metrics
+
+
 __all__ = [
     "DiskWeightSync", "FlatBucket", "FlatTensorMeta", "SYNC_MODES", "SyncStats", "TensorWeightSync", "WeightSync",
     "WeightSyncError", "all_stage_buckets", "bucket_nbytes", "check_logprobs", "engine_prompt_logprobs",
-    "flatten_by_dtype", "gather_hf_state", "make_weight_sync", "probe_tokens", "source_stage_buckets",
+    "connect_weight_sync", "flatten_by_dtype", "gather_hf_state", "make_weight_sync", "probe_tokens",
+    "push_weights", "source_stage_buckets",
     "sync_weights", "unflatten",
 ]

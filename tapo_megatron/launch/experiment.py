@@ -1,15 +1,15 @@
 """NeMo-Run entry point: one ``run.Experiment`` per recipe, on a local, Slurm or Docker executor.
 
-    python launch/experiment.py local  --recipe tiny --nproc 2                         # torchrun on this machine
-    python launch/experiment.py slurm  --recipe qwen3_8b_tapo --preset h100_4x8 \\
+    tapo launch local  --recipe tiny --nproc 2                                       # torchrun on this machine
+    tapo launch slurm  --recipe qwen3_8b_tapo --preset h100_4x8 \\
         --account ACC --partition batch --container-image IMG \\
-        --data-dir /lustre/tapo/data --models-dir /lustre/tapo/models --runs-dir /lustre/tapo/runs --dryrun
-    python launch/experiment.py docker --recipe qwen3_0_6b_tapo --preset h100_1x8 --container-image IMG --dryrun
-    (or ``tapo launch ...`` with the same arguments)
+        --models-dir /lustre/tapo/models --runs-dir /lustre/tapo/runs --dryrun
+    tapo launch docker --recipe qwen3_0_6b_tapo --preset h100_1x8 --container-image IMG --dryrun
 
 The recipe (+ preset + ``section.field=value`` overrides) is resolved here, written into the job script verbatim
-with its ``${TAPO_*}`` references unexpanded, and expanded inside the job, where ``TAPO_SHARED_DATA``,
-``TAPO_MODELS`` and ``TAPO_RUNS`` name the mounted folders. On Slurm, one task per node runs the role script: with
+with its ``${TAPO_*}`` references unexpanded, and expanded inside the job, where ``TAPO_MODELS`` and ``TAPO_RUNS``
+(and ``TAPO_DATA`` with ``--data-dir``) name the mounted folders. The shipped data sets and tokenizer travel inside
+the installed package. On Slurm, one task per node runs the role script: with
 ``launch.engine_placement=colocated`` every node runs the trainer (torchrun, one rank per GPU) and the engines
 live on the trainer GPUs; with ``separate`` the first ``launch.engine_nodes`` nodes start SGLang servers (one per
 ``launch.engine_tp`` GPUs) and the other nodes run the trainer, which finds them in ``TAPO_ENGINE_URLS``.
@@ -26,13 +26,9 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(REPO_ROOT))
-
-from tapo_megatron.config import TrainConfig, to_dict  # noqa: E402
-from tapo_megatron.plan import make_layout  # noqa: E402
-from tapo_megatron.recipes import load_preset, preset_for, resolve_recipe  # noqa: E402
+from tapo_megatron.config import ConfigError, TrainConfig, to_dict
+from tapo_megatron.launch.plan import make_layout
+from tapo_megatron.recipes import load_preset, preset_for, resolve_recipe
 
 # Inside the container: where the launcher mounts data, models and run outputs.
 CONTAINER_DATA, CONTAINER_MODELS, CONTAINER_RUNS = "/data", "/models", "/runs"
@@ -76,13 +72,15 @@ def job_env(cfg: TrainConfig, spec: JobSpec, container: bool) -> dict[str, str]:
     }
     if container:
         env.update({
-            "TAPO_SHARED_DATA": CONTAINER_DATA, "TAPO_MODELS": CONTAINER_MODELS, "TAPO_RUNS": CONTAINER_RUNS,
+            "TAPO_MODELS": CONTAINER_MODELS, "TAPO_RUNS": CONTAINER_RUNS,
             "TAPO_CONTAINER_IMAGE": spec.container_image,  # recorded in wandb by logging.tracker
             "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # Megatron: keeps TP communication ordered with compute
             "NCCL_DEBUG": "WARN",
             "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",  # a dead rank fails the job instead of hanging it
             "NCCL_NVLS_ENABLE": "0",  # NVLink SHARP buffers cost GPU memory the KV cache wants
         })
+        if spec.data_dir:
+            env["TAPO_DATA"] = CONTAINER_DATA  # the user's own data sets; the shipped ones are in the package
         if spec.nccl_socket_ifname:
             env["NCCL_SOCKET_IFNAME"] = spec.nccl_socket_ifname
     env.update(spec.env)
@@ -102,7 +100,7 @@ def trainer_command(config_path: str, nnodes: int, nproc: int, node_rank: str, m
     """torchrun over the trainer nodes (one rank per GPU) running ``tapo train``."""
     return (f"torchrun --nnodes={nnodes} --nproc-per-node={nproc} --node-rank={node_rank} "
             f"--master-addr={master_addr} --master-port={MASTER_PORT} "
-            f"-m tapo_megatron.cli train --config {config_path}")
+            f"-m tapo_megatron.commands train --config {config_path}")
 
 
 def engine_commands(cfg: TrainConfig, spec: JobSpec) -> list[str]:
@@ -189,7 +187,7 @@ def local_experiment(cfg: TrainConfig, out_dir: str | Path, nproc: int = 2, thre
     env.update({"OMP_NUM_THREADS": str(threads), "WANDB_SILENT": "true",
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"})
     executor = run.LocalExecutor(ntasks_per_node=nproc, launcher="torchrun", env_vars=env)
-    task = run.Script(path="tapo_megatron.cli", m=True, entrypoint="python", args=["train", "--config", str(cfg_path)])
+    task = run.Script(path="tapo_megatron.commands", m=True, entrypoint="python", args=["train", "--config", str(cfg_path)])
     exp = run.Experiment(f"tapo-{cfg.logging.run_name or 'run'}", executor=executor,
                          base_dir=str(out_dir / "nemo_run"), clean_mode=True, enable_goodbye_message=False)
     with exp:
@@ -202,7 +200,7 @@ def slurm_experiment(cfg: TrainConfig, spec: JobSpec):
     import nemo_run as run
 
     if not spec.container_image:
-        raise ValueError("--container-image is required for Slurm")
+        raise ConfigError("--container-image is required for Slurm")
     executor = run.SlurmExecutor(
         account=spec.account, partition=spec.partition or None, time=spec.time, nodes=spec.nodes,
         ntasks_per_node=1, gpus_per_node=spec.gpus_per_node, exclusive=True,
@@ -224,9 +222,9 @@ def docker_experiment(cfg: TrainConfig, spec: JobSpec):
     import nemo_run as run
 
     if not spec.container_image:
-        raise ValueError("--container-image is required for Docker")
+        raise ConfigError("--container-image is required for Docker")
     if cfg.launch.engine_placement != "colocated" or spec.nodes != 1:
-        raise ValueError("the Docker executor runs one node: use launch.engine_placement=colocated and --nodes 1")
+        raise ConfigError("the Docker executor runs one node: use launch.engine_placement=colocated and --nodes 1")
     env = job_env(cfg, spec, container=True)
     env.update({k: os.environ[k] for k in SECRET_ENV if k in os.environ})
     executor = run.DockerExecutor(
@@ -275,7 +273,7 @@ def render_dryrun(exp, role: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="launch/experiment.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="tapo launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("executor", choices=["local", "slurm", "docker"])
     p.add_argument("--recipe", required=True, help="packaged recipe name (tapo_megatron/recipes) or YAML path")
@@ -287,7 +285,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="local: torchrun processes")
     p.add_argument("--out", default="runs/launch", help="local: folder for config.yaml and NeMo-Run's records")
     p.add_argument("--container-image", default=os.environ.get("TAPO_CONTAINER_IMAGE", ""))
-    p.add_argument("--data-dir", default="", help="host folder with the shared data, mounted at /data")
+    p.add_argument("--data-dir", default="", help="host folder with your own data sets, mounted at /data as "
+                                                  "${TAPO_DATA} (the shipped sets need none)")
     p.add_argument("--models-dir", default="", help="host folder with HF + Megatron checkpoints, mounted at /models")
     p.add_argument("--runs-dir", default="", help="host folder for checkpoints, logs, exports, mounted at /runs")
     p.add_argument("--mount", action="append", default=[], help="extra host:container mount (repeatable)")
@@ -341,7 +340,3 @@ def main(argv: list[str] | None = None) -> int:
     with exp:
         exp.run(sequential=True, detach=args.executor == "slurm", tail_logs=args.executor == "local")
     return 0
-
-
-if __name__ == "__main__":  # NeMo-Run re-imports this file: driver code only under the guard
-    sys.exit(main())

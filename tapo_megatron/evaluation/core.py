@@ -2,7 +2,7 @@
 
 The same function runs on the demo's held-out split, on AIME/HMMT files, and every N steps during RL.
 Per-sample rows (``EvalSample``: response, extracted ``\boxed{}`` answer, correct, reflective) can be written to
-JSONL; the summary is a flat dict of floats (NaN where undefined). ``tapo eval`` (eval_cli.py) calls this once per
+JSONL; the summary is a flat dict of floats (NaN where undefined). ``tapo eval`` (``benchmarks.run_eval``) calls this once per
 benchmark; the RL loop calls it every ``eval_interval`` steps.
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Callable
 
 from tapo_megatron.algorithms.metrics import direct_solution_rate, effective_reflection_rate, mean_pass_at_k
 from tapo_megatron.algorithms.reflection import ReflectionDetector
-from tapo_megatron.records import Query, SamplingParams
-from tapo_megatron.rewards import extract_boxed, score_batch
+from tapo_megatron.records import Query, Rollout, SamplingParams
+from tapo_megatron.rewards import extract_boxed, score_rollouts
 from tapo_megatron.rollout.base import RolloutEngine
+from tapo_megatron.rollout.sampling import sample_groups
 
 
 @dataclass
@@ -36,28 +37,27 @@ def evaluate(engine: RolloutEngine, queries: list[Query], reward_fn: Callable[[s
              seed: int = 0, samples_path: str | Path | None = None) -> dict[str, float]:
     detector = detector or ReflectionDetector()
     stop = (tokenizer.eos_id,)
-    prompts = [q.prompt_ids for q in queries]
     rows: list[EvalSample] = []
 
-    def score(gens, sample_index):
-        texts = [tokenizer.decode(g.token_ids) for g in gens]
-        # One batched call: the "math" verifier spreads it over its process pool.
-        rewards = score_batch(reward_fn, texts, [q.answer for q in queries])
-        for q, g, text, reward in zip(queries, gens, texts, rewards):
-            rows.append(EvalSample(q.id, sample_index, text, extract_boxed(text), reward > 0.5,
-                                   detector.is_reflective(text), len(g.token_ids)))
+    def add_rows(rollouts: list[Rollout], sample_index: int) -> None:
+        for r in rollouts:
+            rows.append(EvalSample(r.query_id, sample_index, r.response_text, extract_boxed(r.response_text),
+                                   r.reward > 0.5, detector.is_reflective(r.response_text), len(r.response_ids)))
 
     summary: dict[str, float] = {"num_problems": float(len(queries))}
     if greedy:
-        score(engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens,
-                                                      stop_token_ids=stop)), -1)
+        params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop)
+        rollouts = sample_groups(engine, queries, 1, params, tokenizer)
+        score_rollouts(rollouts, queries, reward_fn)  # one batch: the "math" verifier spreads it over its pool
+        add_rows(rollouts, -1)
         summary["greedy_accuracy"] = sum(r.correct for r in rows) / max(1, len(queries))
     if n_samples > 0:
-        many = [p for p in prompts for _ in range(n_samples)]
-        gens = engine.generate(many, SamplingParams(temperature=temperature, top_p=top_p,
-                                                    max_new_tokens=max_new_tokens, stop_token_ids=stop, seed=seed))
-        for j in range(n_samples):
-            score(gens[j::n_samples], j)
+        params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                stop_token_ids=stop, seed=seed)
+        rollouts = sample_groups(engine, queries, n_samples, params, tokenizer)
+        score_rollouts(rollouts, queries, reward_fn)
+        for j in range(n_samples):  # rows sample-major: sample j of every problem, then sample j + 1
+            add_rows(rollouts[j::n_samples], j)
         sampled = [r for r in rows if r.sample >= 0]
         per_problem: dict[str, list[bool]] = {}
         for r in sampled:
@@ -78,3 +78,13 @@ def evaluate(engine: RolloutEngine, queries: list[Query], reward_fn: Callable[[s
             for r in rows:
                 f.write(json.dumps(asdict(r)) + "\n")
     return summary
+
+
+def evaluate_task(engine: RolloutEngine, task, *, n_samples: int, max_new_tokens: int, seed: int) -> dict[str, float]:
+    """Every eval set of a ``tasks.Task``, as ``eval/<set>/<metric>`` metrics (the RL loop's periodic eval)."""
+    metrics: dict[str, float] = {}
+    for name, queries in task.evals.items():
+        summary = evaluate(engine, queries, task.reward, task.tokenizer, n_samples=n_samples,
+                           max_new_tokens=max_new_tokens, seed=seed, detector=task.reflection)
+        metrics.update({f"eval/{name}/{k}": v for k, v in summary.items()})
+    return metrics

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from tapo_megatron.errors import ConfigError
 
 from tapo_megatron.config import TrainConfig
 from tapo_megatron.models.qwen3 import Qwen3Shape, check_parallel
@@ -27,7 +28,7 @@ from tapo_megatron.parallel import ParallelConfigError
 GB = 1e9
 
 
-class PlanError(ValueError):
+class PlanError(ConfigError):
     """A layout that does not divide or does not fit; the message names the reason."""
 
 
@@ -236,6 +237,6 @@ def check_plan(plan: MemoryPlan) -> MemoryPlan:
 
 def plan_recipe(cfg: TrainConfig, nodes: int, gpus_per_node: int) -> MemoryPlan:
     """``make_plan`` + ``check_plan`` for a loaded recipe."""
-    from tapo_megatron.builders import model_shape
+    from tapo_megatron.models.qwen3 import shape_from_config
 
-    return check_plan(make_plan(cfg, model_shape(cfg.model), nodes, gpus_per_node))
+    return check_plan(make_plan(cfg, shape_from_config(cfg.model), nodes, gpus_per_node))

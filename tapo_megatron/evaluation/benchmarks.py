@@ -1,4 +1,4 @@
-"""``tapo eval``: Pass@k, DSR and ERR of one checkpoint on AIME24 / AIME25 / HMMT25 (or any JSONL), and side-by-side
+"""Benchmark evaluation behind ``tapo eval``: Pass@k, DSR and ERR of one checkpoint on AIME24 / AIME25 / HMMT25 (or any JSONL), and side-by-side
 comparisons of several evaluated runs.
 
     tapo eval --model DIR_OR_CKPT --out runs/eval/tapo [--benchmarks aime24 aime25 hmmt25] [--n 16]
@@ -6,7 +6,7 @@ comparisons of several evaluated runs.
     tapo eval --compare runs/eval/cold runs/eval/grpo runs/eval/tapo [--labels ...] --out runs/eval/compare
 
 ``--model`` is an HF Qwen3 directory or a Megatron checkpoint (an actor ``save`` dir, an ``iter_*`` dir, or
-``tapo convert hf-to-mcore`` output; converted on the fly by ``builders.load_policy``). Generation is plain
+``tapo convert hf-to-mcore`` output; converted on the fly by ``rollout.policy.load_policy``). Generation is plain
 single-pass (Qwen3 non-thinking chat prompt), n samples per problem; the math verifier scores them. The defaults
 temperature 0.7 / top-p 0.8 are Qwen3's recommended non-thinking settings (the paper's are not published).
 
@@ -26,21 +26,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tapo_megatron import builders
-from tapo_megatron.coldstart import gold_answer_problem
 from tapo_megatron.config import RolloutConfig
-from tapo_megatron.data.queries import load_queries
+from tapo_megatron.data.assets import EVAL_SETS, resolve_dataset
 from tapo_megatron.data.tokenizer import load_tokenizer
-from tapo_megatron.evaluation import evaluate
+from tapo_megatron.errors import CheckpointNotFoundError, ConfigError, DataError
+from tapo_megatron.evaluation.core import evaluate
 from tapo_megatron.logging.plots import plot_bars
-from tapo_megatron.paths import shared_data_dir
 from tapo_megatron.rewards import get_reward
+from tapo_megatron.rollout.policy import PolicySource, load_policy
+from tapo_megatron.tasks.math import load_eval_set
 
 __all__ = ["BENCHMARKS", "EvalSettings", "resolve_benchmark", "run_eval", "format_table", "compare_runs",
            "SUMMARY_FILE"]
 
-# Benchmark short names -> files in shared_data_dir(); any other name is taken as a JSONL path.
-BENCHMARKS = {"aime24": "aime2024.jsonl", "aime25": "aime2025.jsonl", "hmmt25": "hmmt_feb2025.jsonl"}
+BENCHMARKS = EVAL_SETS  # short names of the shipped eval sets -> their files; any other name is a JSONL path
 SUMMARY_FILE = "summary.json"
 TABLE_METRICS = ["pass@1", "pass@2", "pass@4", "pass@8", "pass@16", "dsr", "err"]
 PLOT_METRICS = ["pass@1", "pass@16", "dsr", "err"]
@@ -64,18 +63,14 @@ class EvalSettings:
 
 
 def resolve_benchmark(name: str) -> tuple[str, Path]:
-    """``"aime24"`` -> ("aime24", shared_data_dir()/aime2024.jsonl); a path -> (its stem, path)."""
-    if name in BENCHMARKS:
-        return name, shared_data_dir() / BENCHMARKS[name]
-    path = Path(name)
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark {name!r}: not one of {', '.join(BENCHMARKS)} and no such file")
-    return path.stem, path
+    """``"aime24"`` -> ("aime24", the shipped aime2024.jsonl); a path -> (its stem, path)."""
+    path = resolve_dataset(name)
+    return (name if name in BENCHMARKS else path.stem), path
 
 
 def run_eval(model: str | Path | None, benchmarks: list[str], out_dir: str | Path, settings: EvalSettings, *,
              tokenizer_path: str | Path | None = None, engine: str = "native", label: str = "",
-             policy: builders.PolicySource | None = None) -> dict:
+             policy: PolicySource | None = None) -> dict:
     """Evaluate one checkpoint on each benchmark; write samples, summary.json/.md/.png; return the summary dict.
 
     Args:
@@ -89,26 +84,26 @@ def run_eval(model: str | Path | None, benchmarks: list[str], out_dir: str | Pat
         policy: an already loaded engine (tests, or callers that hold one).
     """
     if settings.n_samples < 1 and not settings.greedy:
-        raise ValueError("n_samples must be >= 1 (or pass greedy=True)")
+        raise ConfigError("n_samples must be >= 1 (or pass greedy=True)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if policy is None:
         if model is None:
-            raise ValueError("give a model (HF dir or Megatron checkpoint) to evaluate")
-        policy = builders.load_policy(model, RolloutConfig(engine=engine, num_threads=settings.num_threads),
+            raise ConfigError("give a model (HF dir or Megatron checkpoint) to evaluate")
+        policy = load_policy(model, RolloutConfig(engine=engine, num_threads=settings.num_threads),
                                       settings.seed)
     tok_dir = tokenizer_path or policy.tokenizer_dir
     if tok_dir is None:
-        raise FileNotFoundError(f"{policy.model_name} ships no tokenizer files: pass --tokenizer DIR")
+        raise CheckpointNotFoundError(f"{policy.model_name} ships no tokenizer files: pass --tokenizer DIR")
     tokenizer = load_tokenizer(tok_dir)
     reward_fn = get_reward(settings.reward)
     summary = {"label": label or out.name, "model": policy.model_name, "model_version": policy.model_version,
                "tokenizer": str(tok_dir), "settings": asdict(settings), "benchmarks": {}}
     for name in benchmarks:
-        bench, path = resolve_benchmark(name)
-        qf = load_queries(path, on_error=settings.on_bad_row, tokenizer=tokenizer, limit=settings.limit or None,
-                          answer_check=gold_answer_problem if settings.reward == "math" else None)
+        bench, qf = load_eval_set(name, tokenizer, settings.on_bad_row, limit=settings.limit or None,
+                                  check_answers=settings.reward == "math")
+        path = qf.path
         for bad in qf.bad_rows:
             print(f"[eval] skipped bad row {bad}", flush=True)
         result = evaluate(policy.engine, qf.queries, reward_fn, tokenizer, n_samples=settings.n_samples,
@@ -165,17 +160,17 @@ class Comparison:
 def compare_runs(run_dirs: list[str | Path], out_dir: str | Path, labels: list[str] | None = None) -> Comparison:
     """Side-by-side table and one bar chart per benchmark for runs evaluated by ``run_eval``."""
     if labels and len(labels) != len(run_dirs):
-        raise ValueError(f"--labels has {len(labels)} names for {len(run_dirs)} runs")
+        raise ConfigError(f"--labels has {len(labels)} names for {len(run_dirs)} runs")
     runs: dict[str, dict] = {}
     for i, run_dir in enumerate(run_dirs):
         path = Path(run_dir) / SUMMARY_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: evaluate the run with `tapo eval --model ... --out "
+            raise DataError(f"{path} not found: evaluate the run with `tapo eval --model ... --out "
                                     f"{run_dir}` first")
         summary = json.loads(path.read_text())
         label = labels[i] if labels else summary.get("label") or Path(run_dir).name
         if label in runs:
-            raise ValueError(f"two runs are labelled {label!r}: pass --labels")
+            raise ConfigError(f"two runs are labelled {label!r}: pass --labels")
         runs[label] = summary
     warnings = []
     first_label, first = next(iter(runs.items()))

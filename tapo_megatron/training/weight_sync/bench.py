@@ -91,7 +91,7 @@ def run(shape_cfg: dict, mode: str, bucket_bytes: int, repeats: int, dtype: str)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tapo bench sync", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", help="a Qwen3 preset from shared data (e.g. Qwen3-0.6B)")
+    source.add_argument("--preset", help="a shipped Qwen3 preset (e.g. Qwen3-0.6B)")
     source.add_argument("--hf-config", help="an HF config.json")
     parser.add_argument("--mode", choices=["distributed", "colocated"], default="distributed")
     parser.add_argument("--bucket-mb", type=float, default=64.0)

@@ -1,4 +1,4 @@
-"""The embedded CPU demo (``make demo``): cold-start SFT, then GRPO and TAPO from the same checkpoint.
+"""``tapo demo`` (``make demo``): the embedded CPU demo: cold-start SFT, then GRPO and TAPO from the same checkpoint.
 
 A 0.79 M-parameter Qwen3 held in Megatron-Core learns step-by-step arithmetic; the native engine samples; the
 same code path runs Qwen3-8B on H100s. Writes ``runs/demo/summary.json``, PNG curves and an eval bar chart.
@@ -14,43 +14,60 @@ from pathlib import Path
 
 import torch
 
-from tapo_megatron import builders
 from tapo_megatron.config import load_config
 from tapo_megatron.evaluation import evaluate
 from tapo_megatron.logging.plots import plot_bars, plot_curves
 from tapo_megatron.logging.tracker import read_metrics
-from tapo_megatron.paths import REPO_ROOT
-from tapo_megatron.rewards import get_reward
+from tapo_megatron.models.qwen3 import shape_from_config
+from tapo_megatron.parallel import setup_parallel
+from tapo_megatron.recipes import RECIPES_DIR
+from tapo_megatron.rollout.build import build_engine
 from tapo_megatron.sft import run_sft
+from tapo_megatron.tasks import build_task
 from tapo_megatron.train import train
+from tapo_megatron.training.actor import MegatronActor
 from tapo_megatron.training.weight_sync import sync_weights
 
-DEMO_RECIPE = REPO_ROOT / "tapo_megatron" / "recipes" / "demo.yaml"
+DEMO_RECIPE = RECIPES_DIR / "demo.yaml"
 EVAL_KEYS = ["greedy_accuracy", "pass@1", "pass@4", "dsr", "err"]
 CURVE_KEYS = ["rollout/accuracy", "loss", "entropy", "grad_norm", "rollout/response_length", "approx_kl",
               "clip_frac", "mismatch/logprob_abs_mean", "ots_weight_mean", "tapo/num_candidates",
               "tapo/parse_rate", "tapo/constructed_accuracy"]
 
 
-def _eval(engine, cfg, tokenizer, queries, path=None) -> dict:
-    return evaluate(engine, queries, get_reward(cfg.data.reward), tokenizer, n_samples=cfg.data.eval_samples,
+def add_parser(sub):
+    demo = sub.add_parser("demo", help="run the embedded CPU demo end to end")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[1234])
+    demo.add_argument("--grpo-steps", type=int, default=None)
+    demo.add_argument("--arms", nargs="+", default=["grpo", "tapo"], choices=["grpo", "tapo"])
+    demo.add_argument("overrides", nargs="*", help="config overrides section.field=value")
+    return demo
+
+
+def run(args) -> None:
+    run_demo(args.out, seeds=tuple(args.seeds), grpo_steps=args.grpo_steps, arms=tuple(args.arms),
+             overrides=args.overrides)
+
+
+def _eval(engine, cfg, task, path=None) -> dict:
+    return evaluate(engine, task.evals["heldout"], task.reward, task.tokenizer, n_samples=cfg.data.eval_samples,
                     max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed + 7, samples_path=path,
-                    detector=builders.reflection_detector(cfg.data))
+                    detector=task.reflection)
 
 
 def cold_start(cfg, out: Path, target: float, check_every: int) -> tuple[Path, dict]:
     """SFT until greedy held-out accuracy reaches ``target`` (a middling start: DEMO_NOTES) or the step budget."""
-    shape = builders.model_shape(cfg.model)
-    tokenizer = builders.build_tokenizer(cfg.model)
-    engine = builders.build_engine(cfg.rollout, shape, cfg.seed)
-    probe = builders.load_task_queries(cfg.data, tokenizer, cfg.seed).evals["heldout"][:200]
+    task = build_task(cfg.data, cfg.model, cfg.seed)
+    engine = build_engine(cfg.rollout, shape_from_config(cfg.model), cfg.seed)
+    probe = task.evals["heldout"][:200]
     history = []
 
     def check(step, actor):
         if step % check_every:
             return False
         sync_weights(actor, engine, step, 2**26)
-        acc = evaluate(engine, probe, get_reward(cfg.data.reward), tokenizer, n_samples=0,
+        acc = evaluate(engine, probe, task.reward, task.tokenizer, n_samples=0,
                        max_new_tokens=cfg.rollout.max_new_tokens)["greedy_accuracy"]
         history.append({"step": step, "probe_greedy_accuracy": acc})
         print(f"  cold start step {step}: greedy accuracy on 200 held-out probes {acc:.1%}", flush=True)
@@ -74,9 +91,8 @@ def rl_arm(cfg, name: str, tapo: bool, cold_ckpt: Path, out: Path, seed: int) ->
     arm.logging.output_dir = str(out / name)
     arm.logging.run_name = f"demo-{name}-seed{seed}"
     t0 = time.perf_counter()
-    run = train(arm)
-    summary = _eval(run["engine"], arm, run["tokenizer"], run["queries"].evals["heldout"],
-                    out / name / "eval_samples.jsonl")
+    result = train(arm)
+    summary = _eval(result.engine, arm, result.task, out / name / "eval_samples.jsonl")
     summary.update(steps=arm.train_iters, seconds=time.perf_counter() - t0)
     records = read_metrics(out / name / "metrics.jsonl")
     if tapo:
@@ -95,23 +111,22 @@ def run_demo(out_dir: str = "runs/demo", seeds: tuple[int, ...] = (1234,), grpo_
     cfg = load_config(DEMO_RECIPE, [f"logging.output_dir={out}", *overrides])
     if grpo_steps:
         cfg.train_iters = grpo_steps
-    print(f"[demo] cold-start SFT of a {builders.model_shape(cfg.model).num_parameters() / 1e6:.2f} M-param Qwen3 "
+    shape = shape_from_config(cfg.model)
+    print(f"[demo] cold-start SFT of a {shape.num_parameters() / 1e6:.2f} M-param Qwen3 "
           "on Megatron-Core", flush=True)
     cold_ckpt, sft_info = cold_start(cfg, out, target=0.5, check_every=100)
 
     # Held-out evaluation of the cold-start model through the same engine path.
-    shape = builders.model_shape(cfg.model)
-    tokenizer = builders.build_tokenizer(cfg.model)
-    heldout = builders.load_task_queries(cfg.data, tokenizer, cfg.seed).evals["heldout"]
-    from tapo_megatron.training.actor import MegatronActor
-
-    ctx = builders.setup_parallel(cfg, shape)
+    task = build_task(cfg.data, cfg.model, cfg.seed)
+    heldout = task.evals["heldout"]
+    ctx = setup_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
+                         cfg.seed, **shape.layout_dims())
     actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype,
                           cfg.model.kernel_backend)
     actor.load_model_weights(cold_ckpt)
-    engine = builders.build_engine(cfg.rollout, shape, cfg.seed)
+    engine = build_engine(cfg.rollout, shape, cfg.seed)
     sync_weights(actor, engine, 0, 2**26)
-    cold = _eval(engine, cfg, tokenizer, heldout, out / "cold_start_eval_samples.jsonl")
+    cold = _eval(engine, cfg, task, out / "cold_start_eval_samples.jsonl")
     cold.update(sft_steps=sft_info["steps"])
     print(f"[demo] cold start: greedy {cold['greedy_accuracy']:.1%}, pass@1 {cold['pass@1']:.1%}", flush=True)
     del actor, engine

@@ -1,4 +1,4 @@
-"""Checkpoint conversion entry points: HF Qwen3 directory <-> Megatron-Core distributed checkpoint.
+"""The conversion API: HF Qwen3 directory <-> Megatron-Core distributed checkpoint.
 
 Megatron-side format (the actor's checkpoint format, so either loads into the other)::
 
@@ -304,3 +304,16 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
     if _rank() == 0:
         print(f"mcore_to_hf: {ckpt} -> {out} in {time.perf_counter() - t0:.1f} s")
     return out
+
+
+def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str = "") -> Path:
+    """The final checkpoint ``ckpt`` as an HF directory ready for serving at ``out`` (replaced if it exists), with
+    the tokenizer files of ``tokenizer`` ("qwen3", a folder, or "" for none). Collective: rank 0 writes."""
+    tokenizer_dir = None
+    if tokenizer == "qwen3":
+        from tapo_megatron.data.assets import qwen3_tokenizer_dir
+
+        tokenizer_dir = qwen3_tokenizer_dir()
+    elif tokenizer and Path(tokenizer).is_dir():
+        tokenizer_dir = tokenizer
+    return mcore_to_hf(ckpt, out, tokenizer_dir=tokenizer_dir, overwrite=True)

@@ -1,1 +1,0 @@
-"""NeMo-Run launch entry point (``launch/experiment.py``); see launch/README.md."""

@@ -1,0 +1,24 @@
+"""``tapo convert hf-to-mcore | mcore-to-hf``: HF <-> Megatron checkpoint conversion (``convert.api``)."""
+
+
+def add_parser(sub):
+    conv = sub.add_parser("convert", help="HF <-> Megatron checkpoint conversion")
+    directions = conv.add_subparsers(dest="direction", required=True)
+    h2m = directions.add_parser("hf-to-mcore")
+    h2m.add_argument("--hf-dir", required=True)
+    h2m.add_argument("--out", required=True)
+    h2m.add_argument("--tp", type=int, default=1)
+    h2m.add_argument("--pp", type=int, default=1)
+    m2h = directions.add_parser("mcore-to-hf")
+    m2h.add_argument("--ckpt", required=True)
+    m2h.add_argument("--out", required=True)
+    return conv
+
+
+def run(args) -> None:
+    from tapo_megatron.convert.api import hf_to_mcore, mcore_to_hf
+
+    if args.direction == "hf-to-mcore":
+        hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp)
+    else:
+        mcore_to_hf(args.ckpt, args.out)

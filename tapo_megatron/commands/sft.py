@@ -1,0 +1,12 @@
+"""``tapo sft --config R.yaml [a.b=v ...]``: cold-start SFT on the Megatron actor."""
+from tapo_megatron.commands._config import add_config_args, load
+
+
+def add_parser(sub):
+    return add_config_args(sub.add_parser("sft", help="cold-start SFT"))
+
+
+def run(args) -> None:
+    from tapo_megatron.sft import run_sft
+
+    run_sft(load(args))
