@@ -19,7 +19,7 @@ from tapo_megatron.convert.api import mcore_to_hf
 from tapo_megatron.data.assets import data_file, qwen3_tokenizer_dir
 from tapo_megatron.sft import run_sft
 from tapo_megatron.train import train
-from tapo_megatron.training.actor import resolve_checkpoint
+from tapo_megatron.convert.checkpoints import resolve_checkpoint
 
 MODEL = ["model.tokenizer=" + str(qwen3_tokenizer_dir()),
          "model.hf_config={vocab_size: 151936, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
@@ -37,18 +37,18 @@ def main(sft_data: str, rl_data: str, out: str) -> None:
         f"checkpoint.save={out / 'sft_ckpt'}", f"logging.output_dir={out / 'sft'}"])
     run_sft(sft_cfg)
     rl_cfg = load_config(None, MODEL + [
-        "data.task=jsonl", f"data.train_file={rl_data}", "data.reward=math", "rollout.n_samples_per_prompt=2",
+        "data.task=math", f"data.train_file={rl_data}", "data.reward=math", "rollout.n_samples_per_prompt=2",
         "rollout.rollout_batch_size=2", "rollout.max_new_tokens=4", "optimizer.lr=0.0", "train_iters=1",
         f"checkpoint.pretrained_checkpoint={out / 'sft_ckpt'}", f"logging.output_dir={out / 'rl'}"])
     run = train(rl_cfg)
     hf_dir = mcore_to_hf(resolve_checkpoint(out / "sft_ckpt"), out / "sft_hf")
-    if run["ctx"].is_main:
+    if run.ctx.is_main:
         from safetensors.torch import load_file
 
         converted = {}
         for shard in sorted(hf_dir.glob("*.safetensors")):
             converted.update(load_file(shard))
-        engine_state = run["engine"]._model.state_dict()
+        engine_state = run.engine._model.state_dict()
         diff = max((engine_state[k] - v).abs().max().item() for k, v in converted.items())
         (out / "result.json").write_text(json.dumps({"max_abs_diff": diff, "compared": len(converted),
                                                      "rl_metrics_file": str(out / "rl" / "metrics.jsonl")}))

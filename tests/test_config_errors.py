@@ -50,7 +50,7 @@ def test_unknown_and_mistyped_fields():
 def test_malformed_data_rows_refused_with_file_and_line(capsys, tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text('{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "problem": "no answer"}\n')
-    err = _run(capsys, "train", "--config", DEMO, "data.task=jsonl", f"data.train_file={data}",
+    err = _run(capsys, "train", "--config", DEMO, "data.task=math", f"data.train_file={data}",
                "data.on_bad_row=raise", "data.reward=math", "logging.wandb_mode=disabled",
                f"model.tokenizer={qwen3_tokenizer_dir()}")
     assert f"{data}:2" in err and "answer" in err

@@ -11,7 +11,7 @@ from tapo_megatron.models.qwen3 import Qwen3Shape
 from tapo_megatron.parallel import init_parallel
 from tapo_megatron.records import FinishReason, Provenance, Rollout, SamplingParams, TrajectoryKind
 from tapo_megatron.rewards import get_reward
-from tapo_megatron.tasks.arithmetic import ArithmeticTask, ArithmeticTokenizer
+from tapo_megatron.tasks.arithmetic import ArithmeticStepVerifier, ArithmeticTask, ArithmeticTokenizer
 from tapo_megatron.rollout.native import NativeEngine
 from tapo_megatron.training.actor import MegatronActor
 from tapo_megatron.training.batch import batch_tensors, collate, fill_policy_tensors, make_policy_loss_fn
@@ -60,7 +60,7 @@ def test_one_tapo_step_through_actor_and_engine():
     tapo = TapoConfig(enabled=True, constructor="step_verifier", constructed_zero_variance="fixed",
                       constructed_fixed_advantage=1.0)
     algo = AlgorithmConfig(advantage_estimator="dae")
-    builder = TrajectoryBuilder(tapo, algo, tokenizer, reward, build_constructor(tapo, tokenizer=tokenizer), seed=0)
+    builder = TrajectoryBuilder(tapo, algo, tokenizer, reward, build_constructor(tapo, tokenizer=tokenizer, step_verifier=ArithmeticStepVerifier()), seed=0)
     built = builder.build(queries, rollouts, step=0)
     originals = [t for t in built.trajectories if t.kind == TrajectoryKind.ORIGINAL]
     constructed = [t for t in built.trajectories if t.kind == TrajectoryKind.CONSTRUCTED]

@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tapo_megatron.errors import ConfigError
+
 from tapo_megatron.config import AlgorithmConfig, TapoConfig
 from tapo_megatron.data.tokenizer import load_tokenizer
 from tapo_megatron.data.assets import qwen3_tokenizer_dir
 from tapo_megatron.records import FinishReason, Generation, Provenance, Query, Rollout, SamplingParams, TrajectoryKind
-from tapo_megatron.rewards import exact_answer_reward
+from tapo_megatron.tasks.arithmetic import ArithmeticStepVerifier, exact_answer_reward
 from tapo_megatron.rollout.base import RolloutEngine
 from tapo_megatron.tasks.arithmetic import ArithmeticTask, ArithmeticTokenizer
 from tapo_megatron.trajectory import (
@@ -320,19 +322,22 @@ def test_step_verifier_construction_in_the_policys_textual_form():
     q = TASK.make_query("7+5*3-4")
     request = ConstructionRequest.from_rollouts(q, arith_rollout(q, 0, W1), arith_rollout(q, 0, GOLD), ARITH)
     assert (request.wrong_solution, request.reference_solution) == (W1, GOLD)
-    [c] = StepVerifierConstructor().construct([request])
+    [c] = StepVerifierConstructor(ArithmeticStepVerifier()).construct([request])
     assert c.failure is None and c.text == R1
     assert c.analysis == "Step 2, '7+15=21;', has a wrong result: it should be '7+15=22;'."
     assert parse_construction(c.raw).text == R1
     assert c.raw.startswith("<analysis>") and c.raw.endswith("</reconstruction>")
-    [none] = StepVerifierConstructor().construct([ConstructionRequest(q, arith_rollout(q, 0, GOLD),
+    [none] = StepVerifierConstructor(ArithmeticStepVerifier()).construct([ConstructionRequest(q, arith_rollout(q, 0, GOLD),
                                                                       arith_rollout(q, 0, GOLD))])
     assert none.failure == "no_error"
 
 
 def test_constructor_registry():
     assert {"policy", "step_verifier"} <= set(available_constructors())
-    assert isinstance(build_constructor(TapoConfig(constructor="step_verifier")), StepVerifierConstructor)
+    assert isinstance(build_constructor(TapoConfig(constructor="step_verifier"), step_verifier=ArithmeticStepVerifier()),
+                      StepVerifierConstructor)
+    with pytest.raises(ConfigError, match="needs a task with a step verifier"):  # a math task has none
+        build_constructor(TapoConfig(constructor="step_verifier"))
     with pytest.raises(KeyError, match="registered: .*policy"):
         build_constructor(TapoConfig(constructor="oracle"))
     with pytest.raises(ValueError, match="already registered"):
@@ -429,7 +434,8 @@ def arith_batch():
 def arith_builder(**tapo_overrides) -> TrajectoryBuilder:
     tapo = TapoConfig(enabled=True, constructor="step_verifier", **tapo_overrides)
     algo = AlgorithmConfig(advantage_estimator="dae")
-    return TrajectoryBuilder(tapo, algo, ARITH, exact_answer_reward, build_constructor(tapo), seed=1)
+    return TrajectoryBuilder(tapo, algo, ARITH, exact_answer_reward,
+                             build_constructor(tapo, step_verifier=ArithmeticStepVerifier()), seed=1)
 
 
 def test_builder_end_to_end_step_verifier():
@@ -485,7 +491,7 @@ def test_builder_grpo_estimator_mixes_groups():
     tapo = TapoConfig(enabled=True, constructor="step_verifier")
     with pytest.warns(UserWarning, match="no-DAE"):
         builder = TrajectoryBuilder(tapo, AlgorithmConfig(advantage_estimator="grpo"), ARITH, exact_answer_reward,
-                                    build_constructor(tapo), seed=1)
+                                    build_constructor(tapo, step_verifier=ArithmeticStepVerifier()), seed=1)
     trajs = builder.build(queries, rollouts, step=0).trajectories
     std = math.sqrt(28) / 11 + EPS  # q0: 4 + 3 correct of 8 + 3
     q0 = [t.advantage for t in trajs if t.query_id == queries[0].id]
