@@ -419,21 +419,15 @@ def test_sdpa_and_eager_engines_agree():
         assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
 
 
-# ---------------------------------------------------------------------------------------------- throughput
+# ---------------------------------------------------------------------------------------------- batch size
 
 
-def test_demo_model_throughput_b128_one_thread():
-    """B=128 on the demo-sized model (0.79 M params), 1 thread, 16-token prompts, 32 new tokens, no stop."""
+def test_demo_model_batch_b128_one_thread():
+    """B=128 on the demo-sized model, 1 thread, 16-token prompts, 32 new tokens, no stop: every row gets them all.
+    Throughput is a benchmark, not a test: ``tapo bench engine`` (tok/s against HF ``generate``)."""
     eng = NativeEngine(DEMO, num_threads=1)
     eng.update_weights(buckets_of(random_weights(eng, seed=0, std=0.15)), version=1)
     prompts = torch.randint(0, 32, (128, 16), generator=torch.Generator().manual_seed(0)).tolist()
-    params = SamplingParams(temperature=1.0, max_new_tokens=32, seed=0)
-    eng.generate(prompts, params)  # warm-up
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = eng.generate(prompts, params)
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    tokens = sum(len(g.token_ids) for g in out)
-    assert tokens == 128 * 32
-    print(f"\n[native engine] B=128 demo model, 1 thread: {tokens / wall:.0f} tok/s wall, {tokens / cpu:.0f} tok/s CPU "
-          f"({tokens} tokens in {wall:.2f} s, prefill included)")
-    assert tokens / wall > 300  # a floor far below the measured rate, to catch a pathological slowdown only
+    out = eng.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=32, seed=0))
+    assert sum(len(g.token_ids) for g in out) == 128 * 32
+    assert all(g.weight_version == 1 and len(g.logprobs) == 32 for g in out)

@@ -1,38 +1,27 @@
 """Every parallel layout against the single-rank result (2 gloo processes under torchrun, fp32):
 TP=2 and PP=2 log-probs/entropies equal TP=1 within 1e-5; one training step at TP=2, PP=2 and DP=2 gives the
 same loss and the same updated weights as the single rank on the same global batch."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 WORKER = Path(__file__).with_name("_parallel_worker.py")
-REPO = WORKER.parent.parent
 
 
-def _run(tp: int, pp: int, nproc: int, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), str(tp), str(pp), str(out)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-               str(WORKER), str(tp), str(pp), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def _run(workers, tp: int, pp: int, nproc: int, out: Path) -> dict:
+    workers.run(WORKER, tp, pp, out, nproc=nproc)
     return torch.load(out, weights_only=False)
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
-    return _run(1, 1, 1, tmp_path_factory.mktemp("single") / "out.pt")
+def single(workers, tmp_path_factory):
+    return _run(workers, 1, 1, 1, tmp_path_factory.mktemp("single") / "out.pt")
 
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
-def test_layout_matches_single_rank(single, tmp_path, tp, pp):
-    got = _run(tp, pp, 2, tmp_path / "out.pt")
+def test_layout_matches_single_rank(workers, single, tmp_path, tp, pp):
+    got = _run(workers, tp, pp, 2, tmp_path / "out.pt")
     torch.testing.assert_close(got["logprobs"], single["logprobs"], atol=1e-5, rtol=0)
     torch.testing.assert_close(got["entropy"], single["entropy"], atol=1e-5, rtol=0)
     assert abs(got["loss"] - single["loss"]) < 1e-6

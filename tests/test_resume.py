@@ -1,19 +1,16 @@
 """Save, kill the process, resume: the next step's loss and the final weights equal the uninterrupted run's."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 WORKER = Path(__file__).with_name("_resume_worker.py")
 
 
-def _run(out: Path, *args) -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent.parent)}
-    return subprocess.run([sys.executable, str(WORKER), str(out), *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300).returncode
+@pytest.fixture
+def run(workers):
+    return lambda out, *args: workers.run(WORKER, out, *args, check=False).returncode
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -21,12 +18,12 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["sft/loss"] for r in rows}
 
 
-def test_killed_run_resumes_exactly(tmp_path):
+def test_killed_run_resumes_exactly(tmp_path, run):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _run(straight) == 0
-    assert _run(killed, 3) == 3  # died inside step 3; the step-2 checkpoint is the newest complete one
+    assert run(straight) == 0
+    assert run(killed, 3) == 3  # died inside step 3; the step-2 checkpoint is the newest complete one
     assert (killed / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "2"
-    assert _run(killed) == 0  # resumes at step 3
+    assert run(killed) == 0  # resumes at step 3
     ref, got = _losses(straight), _losses(killed)
     assert got[3] == ref[3] and got[4] == ref[4], (ref, got)
     a, b = torch.load(straight / "final.pt"), torch.load(killed / "final.pt")

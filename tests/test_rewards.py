@@ -286,8 +286,9 @@ def test_pool_argument_errors():
         pool.score("a", "1")
 
 
-def test_throughput(verifier):
-    """Verifications per second through the 2-worker pool, on responses shaped like real ones."""
+def test_batch_of_realistic_responses(verifier):
+    """A step's batch through the 2-worker pool, on responses shaped like real ones, scored right. Throughput is a
+    benchmark, not a test: ``tapo bench rewards`` (verifications/s against in-process math-verify)."""
     golds = [r"\frac{9 \sqrt{23}}{23}", "204", HMMT10_GOLD, r"2^{25} \cdot 26!", r"1-\frac{2}{\pi}", "-984"]
     reasoning = "Let $x$ be the unknown. Then $x^2 - 3x + 2 = 0$, so we factor and check both roots. " * 20
     responses, batch_golds = [], []
@@ -296,13 +297,8 @@ def test_throughput(verifier):
         answer = gold if i % 2 == 0 else "17"
         responses.append(reasoning + boxed(answer))
         batch_golds.append(gold)
-    verifier.score_batch(responses[:6], batch_golds[:6])  # warm the gold cache of both workers
-    start = time.perf_counter()
     scores = verifier.score_batch(responses, batch_golds)
-    rate = len(responses) / (time.perf_counter() - start)
-    print(f"\nmath verifier throughput: {rate:.0f} verifications/s with {verifier.num_workers} workers")
     assert scores == [1.0 if i % 2 == 0 else 0.0 for i in range(240)]
-    assert rate > 20  # loose: the shared 2-core machine is noisy; the real number is printed above
 
 
 # -- acceptance: the three eval sets ------------------------------------------------------------------------------

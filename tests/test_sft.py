@@ -1,9 +1,6 @@
 """``tapo sft``: assistant-only loss masks, bad SFT rows (file:line, skip or raise), length bucketing, and a run at
 TP=2 on CPU (2 gloo ranks under torchrun) whose loss decreases and whose checkpoint starts an RL run."""
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,6 @@ from tapo_megatron.data.assets import data_file
 from tapo_megatron.sft import collate_sft, length_buckets, read_sft_rows
 
 WORKER = Path(__file__).with_name("_sft_worker.py")
-REPO = WORKER.parent.parent
 
 
 def test_loss_mask_covers_response_tokens_only():
@@ -51,7 +47,7 @@ def test_length_buckets_group_similar_lengths():
     assert length_buckets(pairs, 2, seed=0) == batches
 
 
-def test_sft_tp2_loss_decreases_and_starts_rl(tmp_path):
+def test_sft_tp2_loss_decreases_and_starts_rl(tmp_path, workers):
     rows = []
     with open(data_file("deepscaler_sample.jsonl"), encoding="utf-8") as f:
         for line in f:
@@ -66,12 +62,7 @@ def test_sft_tp2_loss_decreases_and_starts_rl(tmp_path):
                         + '{"prompt": "a row without a response"}\n')
     rl_data = tmp_path / "rl.jsonl"
     rl_data.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(WORKER),
-           str(sft_data), str(rl_data), str(tmp_path / "out")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
-    assert proc.returncode == 0, "\n".join(errors[-30:]) + proc.stderr[-2000:]
+    proc = workers.run(WORKER, sft_data, rl_data, tmp_path / "out", nproc=2)
     assert "skipped 1 bad row(s)" in proc.stdout and f"{sft_data}:5" in proc.stdout
 
     losses = [r["sft/loss"] for r in read_metrics(tmp_path / "out" / "sft" / "metrics.jsonl")]

@@ -1,16 +1,24 @@
-"""``tapo bench kernels | sync``: the kernel benchmark (``tapo_kernels.bench``) and the weight-sync benchmark."""
+"""``tapo bench kernels | sync | engine | rewards``: each prints its figures next to a baseline measured in the same run."""
 import argparse
 
 
 def add_parser(sub):
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("what", choices=["kernels", "sync"])
+    bench.add_argument("what", choices=["kernels", "sync", "engine", "rewards"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return bench
 
 
 def run(args) -> None:
-    if args.what == "sync":
+    if args.what == "engine":
+        from tapo_megatron.rollout import bench as engine_bench
+
+        engine_bench.main(args.rest)
+    elif args.what == "rewards":
+        from tapo_megatron.rewards import bench as rewards_bench
+
+        rewards_bench.main(args.rest)
+    elif args.what == "sync":
         from tapo_megatron.training.weight_sync import bench as sync_bench
 
         sync_bench.main(args.rest)
