@@ -34,15 +34,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _convert_worker import make_hf_model, tiny_qwen3_config  # noqa: E402
+from conftest import Workers  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "_convert_worker.py"
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 QKV_SLOT, FC1_SLOT = LAYER_SLOTS[1], LAYER_SLOTS[6]
 
 
+WORKERS = Workers()  # tests/conftest.py: the one way workers are run
+
+
 def _env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT),
-                TOKENIZERS_PARALLELISM="false")
+    return WORKERS.env()
 
 
 def _make_work(root: Path, tied: bool) -> Path:
@@ -57,9 +59,7 @@ def _make_work(root: Path, tied: bool) -> Path:
 
 
 def _torchrun(work: Path, nproc: int, layouts: str, timeout: int) -> subprocess.CompletedProcess:
-    cmd = [str(TORCHRUN), "--nproc_per_node", str(nproc), "--standalone", str(WORKER),
-           "--work", str(work), "--layouts", layouts]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return WORKERS.run(WORKER, "--work", work, "--layouts", layouts, nproc=nproc, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])

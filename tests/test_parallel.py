@@ -1,6 +1,7 @@
 """Every parallel layout against the single-rank result (2 gloo processes under torchrun, fp32):
 TP=2 and PP=2 log-probs/entropies equal TP=1 within 1e-5; one training step at TP=2, PP=2 and DP=2 gives the
 same loss and the same updated weights as the single rank on the same global batch."""
+import sys
 from pathlib import Path
 
 import pytest

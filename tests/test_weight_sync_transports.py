@@ -25,7 +25,7 @@ REPO = TESTS.parent
 sys.path.insert(0, str(TESTS))
 from _parallel_worker import SHAPE  # noqa: E402
 
-ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+from conftest import WORKER_ENV as ENV, Workers  # noqa: E402  (the one way workers are run)
 
 
 def _launch_native_server(tmp_path: Path) -> SGLangEngine:
@@ -41,10 +41,8 @@ def test_tp2_trainer_syncs_into_engine_process_over_gloo(tmp_path):
     bucket_bytes = 32 * 1024  # above the largest tensor (24 KiB), well below the model (~0.2 MB): many buckets
     try:
         out = tmp_path / "out.pt"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               str(TESTS / "_sync_trainer.py"), engine.servers[0].url, str(bucket_bytes), str(out),
-               str(tmp_path / "disk")]
-        proc = subprocess.run(cmd, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=240)
+        proc = Workers().run(TESTS / "_sync_trainer.py", engine.servers[0].url, bucket_bytes, out,
+                             tmp_path / "disk", nproc=2, timeout=240, check=False)
         assert proc.returncode == 0, proc.stderr[-4000:] + "\n--- engine log ---\n" + engine.servers[0].log_tail()
         r = torch.load(out, weights_only=False)
     finally:
