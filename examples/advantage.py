@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from tapo_megatron.algorithms.advantages import AdvantageInput, AdvantageStats, register_advantage
+from tapo_megatron.algorithms.advantages import AdvantageInput, AdvantageStats, advantage_stats, register_advantage
 
 
 def _check(inp: AdvantageInput) -> None:
@@ -46,7 +46,7 @@ def rloo_advantages(inp: AdvantageInput) -> tuple[torch.Tensor, AdvantageStats]:
     if n == 0:
         empty = torch.zeros(0, dtype=out_dtype, device=rewards.device)
         none = torch.zeros(0, dtype=torch.long, device=rewards.device)
-        return empty, _stats(empty, none, 0, none.bool(), is_constructed)
+        return empty, advantage_stats(empty, none, 0, none.bool(), is_constructed)
 
     values = rewards.double()  # sums in float64: S_g - r_i cancels, so keep the round-off small
     keys = torch.stack([inp.group_ids.long(), is_constructed.long()])  # [2, N]: the DAE split
@@ -62,28 +62,4 @@ def rloo_advantages(inp: AdvantageInput) -> tuple[torch.Tensor, AdvantageStats]:
     others = (count[inverse] - 1).clamp(min=1)  # singletons: any non-zero divisor; they are zeroed below
     adv = values - (total[inverse] - values) / others
     adv = torch.where(zero_var[inverse], torch.zeros_like(adv), adv).to(out_dtype)
-    return adv, _stats(adv, inverse, num_groups, zero_var, is_constructed)
-
-
-def _stats(adv: torch.Tensor, inverse: torch.Tensor, num_groups: int, zero_var: torch.Tensor,
-           is_constructed: torch.Tensor) -> AdvantageStats:
-    """The same summary the built-in estimators log (fractions NaN when their denominator is 0)."""
-    has_constructed = torch.zeros(num_groups, dtype=torch.bool, device=adv.device)
-    has_constructed[inverse[is_constructed]] = True
-    zero_adv = adv == 0
-    n_cons = int(is_constructed.sum())
-    n_orig = adv.numel() - n_cons
-
-    def frac(mask: torch.Tensor, den: int) -> float:
-        return float(mask.sum()) / den if den else float("nan")
-
-    return AdvantageStats(
-        num_samples=adv.numel(),
-        num_constructed=n_cons,
-        num_groups=num_groups,
-        num_zero_variance_groups=int(zero_var.sum()),
-        num_constructed_groups=int(has_constructed.sum()),
-        num_constructed_zero_variance_groups=int((zero_var & has_constructed).sum()),
-        frac_zero_advantage_original=frac(zero_adv & ~is_constructed, n_orig),
-        frac_zero_advantage_constructed=frac(zero_adv & is_constructed, n_cons),
-    )
+    return adv, advantage_stats(adv, inverse, num_groups, zero_var, is_constructed)

@@ -34,6 +34,7 @@ __all__ = [
     "AdvantageStats",
     "AdvantageFn",
     "AdvantageInput",
+    "advantage_stats",
     "dae_estimator",
     "grpo_estimator",
     "group_normalized_advantages",
@@ -178,7 +179,7 @@ def group_normalized_advantages(
     return _normalise(values, inverse, moments, eps, normalize_std).to(_output_dtype(rewards))
 
 
-def _stats(
+def advantage_stats(
     adv: torch.Tensor, inverse: torch.Tensor, num_groups: int, zero_var: torch.Tensor, is_constructed: torch.Tensor
 ) -> AdvantageStats:
     """Summarise one estimator call (everything lives on the driver's CPU; the .item() syncs are cheap there)."""
@@ -242,7 +243,7 @@ def decoupled_advantages(
     inverse, num_groups = _dense_groups(keys)
     if num_groups == 0:
         empty = torch.zeros(0, dtype=out_dtype, device=rewards.device)
-        return empty, _stats(empty, inverse, 0, torch.zeros(0, dtype=torch.bool, device=rewards.device), is_constructed)
+        return empty, advantage_stats(empty, inverse, 0, torch.zeros(0, dtype=torch.bool, device=rewards.device), is_constructed)
     moments = _group_moments(values, inverse, num_groups)
     adv = _normalise(values, inverse, moments, eps, normalize_std)
 
@@ -261,7 +262,7 @@ def decoupled_advantages(
         signed = torch.where(values > 0, values.new_tensor(fixed_value), values.new_tensor(-fixed_value))
         adv = torch.where(special, signed, adv)
     adv = adv.to(out_dtype)
-    return adv, _stats(adv, inverse, num_groups, moments.zero_var, is_constructed)
+    return adv, advantage_stats(adv, inverse, num_groups, moments.zero_var, is_constructed)
 
 
 def grpo_advantages(
@@ -287,10 +288,10 @@ def grpo_advantages(
     inverse, num_groups = _dense_groups(group_ids)
     if num_groups == 0:
         empty = torch.zeros(0, dtype=_output_dtype(rewards), device=rewards.device)
-        return empty, _stats(empty, inverse, 0, torch.zeros(0, dtype=torch.bool, device=rewards.device), is_constructed)
+        return empty, advantage_stats(empty, inverse, 0, torch.zeros(0, dtype=torch.bool, device=rewards.device), is_constructed)
     moments = _group_moments(values, inverse, num_groups)
     adv = _normalise(values, inverse, moments, eps, normalize_std).to(_output_dtype(rewards))
-    return adv, _stats(adv, inverse, num_groups, moments.zero_var, is_constructed)
+    return adv, advantage_stats(adv, inverse, num_groups, moments.zero_var, is_constructed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
