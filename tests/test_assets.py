@@ -33,7 +33,7 @@ def test_shipped_sets_and_their_rows():
     assert resolve_dataset("aime24") == FILES_DIR / "aime2024.jsonl"
     assert resolve_dataset("deepscaler") == FILES_DIR / "deepscaler_sample.jsonl"
     with pytest.raises(FileNotFoundError, match="shipped: .*aime2024.jsonl"):
-        data_file("nope.jsonl")
+        data_file("nope")
     with pytest.raises(DataError, match="not a shipped set"):
         resolve_dataset("aime99")
     assert (FILES_DIR / "README.md").is_file()
@@ -43,6 +43,17 @@ def test_tokenizer_json_is_qwens_byte_for_byte(tmp_path):
     out = tmp_path / "tokenizer.json"
     build_qwen3_tokenizer_json(FILES_DIR / "qwen3_tokenizer", out)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == QWEN3_TOKENIZER_SHA256
+
+
+def test_tokenizer_json_with_the_wrong_hash_is_never_installed(tmp_path, monkeypatch):
+    """A tokenizers release that serialised differently must fail loudly, not leave a non-Qwen file behind."""
+    import tokenizers
+
+    monkeypatch.setattr(assets, "QWEN3_TOKENIZER_SHA256", "0" * 64)
+    out = tmp_path / "tokenizer.json"
+    with pytest.raises(RuntimeError, match=f"tokenizer.json.*tokenizers {re.escape(tokenizers.__version__)}"):
+        build_qwen3_tokenizer_json(FILES_DIR / "qwen3_tokenizer", out)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_qwen3_tokenizer_loads_with_transformers():

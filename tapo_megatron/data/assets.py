@@ -90,12 +90,15 @@ def build_qwen3_tokenizer_json(src_dir: Path, out_path: Path) -> None:
     os.close(fd)
     try:
         Tokenizer.from_str(json.dumps(spec)).save(tmp, pretty=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; other users of a shared install or cache must read it
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        if _sha256(Path(tmp)) != QWEN3_TOKENIZER_SHA256:
-            raise RuntimeError(f"the tokenizer.json built into {out_path.parent} differs from Qwen's (sha256 "
-                               f"{QWEN3_TOKENIZER_SHA256[:12]}...) with tokenizers {tokenizers.__version__}; "
-                               "install the pinned tokenizers version (versions.env)")
+        digest = _sha256(Path(tmp))
+        if digest != QWEN3_TOKENIZER_SHA256:
+            # A different tokenizers release may serialise differently; never install a file that is not Qwen's.
+            raise RuntimeError(f"{out_path}: the built tokenizer.json has sha256 {digest}, not Qwen's "
+                               f"{QWEN3_TOKENIZER_SHA256}, with tokenizers {tokenizers.__version__}; install the "
+                               "pinned tokenizers version (requirements-cpu.txt / versions.env)")
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):
@@ -120,9 +123,12 @@ def qwen3_tokenizer_dir() -> Path:
     if folder != shipped:
         folder.mkdir(parents=True, exist_ok=True)
         for name in _TOKENIZER_SOURCES:
-            if not (folder / name).is_file():
-                shutil.copyfile(shipped / name, folder / f".{name}.tmp{os.getpid()}")
-                os.replace(folder / f".{name}.tmp{os.getpid()}", folder / name)
+            if not (folder / name).is_file():  # copy then rename, so a racing rank never sees half a file
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+                os.close(fd)
+                shutil.copyfile(shipped / name, tmp)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, folder / name)
     if not _is_built(folder / "tokenizer.json"):
         build_qwen3_tokenizer_json(shipped, folder / "tokenizer.json")
     return folder
