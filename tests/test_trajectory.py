@@ -571,3 +571,74 @@ def test_constructor_interface_is_pluggable():
     assert calls == [4]
     # w3 is empty -> copies nothing; the other three get ";WA18" appended after their full text
     assert result.metrics["tapo/splice_rate"] == 0.75 and result.metrics["tapo/constructed_accuracy"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Located policy constructor (the step checker locates, the policy writes) and the reuse floor
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_step_verifier_correction_prefix_and_first_attempt():
+    sv = ArithmeticStepVerifier()
+    assert sv.correction_prefix("7+5*3-4", W1) == "5*3=15;7+15=21;"
+    assert sv.correction_prefix("7+5*3-4", W2) == "5*3=16;"
+    assert sv.correction_prefix("7+5*3-4", "5*3=15;A14") == "5*3=15;A14;"  # premature answer: ';' added
+    assert sv.correction_prefix("7+5*3-4", GOLD) is None
+    assert sv.correction_prefix("7+5*3-4", "5*3=15;7+1") is None  # unfinished: nothing wrong in it
+    assert sv.first_attempt_clean("7+5*3-4", R1, R1.index("W")) is False  # the slip comes before W
+    spurious = "5*3=15;W5*3=15;7+15=22;22-4=18;A18"
+    assert sv.first_attempt_clean("7+5*3-4", spurious, spurious.index("W")) is True
+    assert sv.first_attempt_clean("7+5*3-4", GOLD, None) is True
+    assert sv.first_attempt_clean("7+5*3-4", W4, None) is False
+
+
+def test_located_policy_constructor_prompts_the_policy_after_the_located_step():
+    q = TASK.make_query("7+5*3-4")
+    correct = arith_rollout(q, 0, GOLD)
+    requests = [ConstructionRequest.from_rollouts(q, arith_rollout(q, 0, w), correct, ARITH) for w in (W1, W2, GOLD)]
+    # the policy's own continuations: right for w1, wrong for w2 (it corrects to a wrong value), none for GOLD
+    engine = FakeEngine([("7+15=22;22-4=18;A18", FinishReason.STOP), ("5*3=14;7+14=21;21-4=17;A17",
+                                                                     FinishReason.STOP)], ARITH)
+    tapo = TapoConfig(enabled=True, constructor="policy_located", max_construction_tokens=33,
+                      construction_temperature=0.9)
+    constructor = build_constructor(tapo, engine=engine, tokenizer=ARITH, step_verifier=ArithmeticStepVerifier())
+    out = constructor.construct(requests)
+    assert [c.text for c in out] == [R1, "5*3=16;W5*3=14;7+14=21;21-4=17;A17", None]
+    assert out[2].failure == "no_error"
+    assert out[0].analysis == "Step 2, '7+15=21;', has a wrong result: it should be '7+15=22;'."
+    [(prompts, params)] = engine.calls  # one engine call, only for the two faulty solutions
+    assert prompts == [q.prompt_ids + ARITH.encode("5*3=15;7+15=21;W"), q.prompt_ids + ARITH.encode("5*3=16;W")]
+    assert (params.max_new_tokens, params.temperature, params.stop_token_ids) == (33, 0.9, (ARITH.eos_id,))
+    # a continuation that hit the token limit is cut off
+    cut = build_constructor(tapo, engine=FakeEngine([("7+15=22;22", FinishReason.LENGTH)], ARITH), tokenizer=ARITH,
+                            step_verifier=ArithmeticStepVerifier()).construct(requests[:1])
+    assert cut[0].failure == "too_long"
+    with pytest.raises(ConfigError, match="policy_located.*step verifier"):
+        build_constructor(tapo, engine=engine, tokenizer=ARITH)
+
+
+def test_builder_with_located_policy_constructor_scores_the_policys_corrections():
+    queries, rollouts = arith_batch()
+    # w1, w2, w4 get a continuation (w3 is empty: INCOMPLETE, nothing wrong); w2's correction is wrong
+    engine = FakeEngine([("7+15=22;22-4=18;A18", FinishReason.STOP), ("5*3=14;7+14=21;21-4=17;A17", FinishReason.STOP),
+                         ("A18", FinishReason.STOP)], ARITH)
+    tapo = TapoConfig(enabled=True, constructor="policy_located", min_reused_tokens=8)
+    builder = TrajectoryBuilder(tapo, AlgorithmConfig(advantage_estimator="dae"), ARITH, exact_answer_reward,
+                                build_constructor(tapo, engine=engine, tokenizer=ARITH,
+                                                  step_verifier=ArithmeticStepVerifier()), seed=1)
+    result = builder.build(queries, rollouts, step=0)
+    constructed = [t for t in result.trajectories if t.kind is TrajectoryKind.CONSTRUCTED]
+    # w2 reuses 7 tokens ("5*3=16;") < min_reused_tokens = 8: rejected as short_prefix and counted
+    assert [t.response_text for t in constructed] == [R1, W4 + ";WA18"]
+    assert [t.reward for t in constructed] == [1.0, 1.0]
+    m = result.metrics
+    assert result.failures == {"no_error": 1, "short_prefix": 1}
+    assert (m["tapo/parse_rate"], m["tapo/acceptance_rate"], m["tapo/splice_rate"]) == (0.75, 2 / 3, 0.5)
+    assert m["tapo/fail/short_prefix"] == 1 and m["tapo/constructed_accuracy"] == 1.0
+    # without the floor w2 is kept, and its wrong correction scores 0: constructed accuracy 2/3
+    engine.outputs = [("7+15=22;22-4=18;A18", FinishReason.STOP), ("5*3=14;7+14=21;21-4=17;A17", FinishReason.STOP),
+                      ("A18", FinishReason.STOP)]
+    builder.tapo = TapoConfig(enabled=True, constructor="policy_located")
+    again = builder.build(queries, rollouts, step=0)
+    assert again.metrics["tapo/constructed_accuracy"] == pytest.approx(2 / 3)
+    assert again.metrics["tapo/acceptance_rate"] == 1.0

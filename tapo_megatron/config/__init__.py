@@ -128,6 +128,14 @@ class TapoConfig:
     construction_top_p: float = 1.0
     max_construction_chars: int = 65536  # longer constructor answers fail as "too_long"
     max_spliced_tokens: int = 512  # response-token cap of a spliced trajectory (eos included); longer: "too_long"
+    # A splice reusing fewer of the wrong rollout's own tokens is a rewrite, not a micro-reflection (the paper's
+    # worse "regenerate the whole solution" ablation): rejected as "short_prefix" and counted.
+    min_reused_tokens: int = 1
+    # How the constructed branch is normalised: per_branch (L_GRPO / N_orig + lambda L_ref / N_cons) or joint
+    # ((sum_orig + lambda sum_cons) / (N_orig + lambda N_cons): one token mean in which a constructed token weighs
+    # lambda; lambda = 0 is still exactly GRPO).
+    branch_normalization: str = "per_branch"
+    branch_grad_interval: int = 0  # every N steps log both branches' gradient norms and their cosine; 0: never
 
 
 @dataclass
@@ -251,6 +259,11 @@ class TrainConfig:
             raise ConfigError(
                 f"tapo.n_pos + tapo.n_neg = {self.tapo.n_pos + self.tapo.n_neg} exceeds "
                 f"rollout.n_samples_per_prompt = {self.rollout.n_samples_per_prompt}: no query can be a candidate")
+        if self.tapo.branch_normalization not in ("per_branch", "joint"):
+            raise ConfigError(f"tapo.branch_normalization={self.tapo.branch_normalization!r}: expected per_branch "
+                              "or joint")
+        if self.tapo.branch_grad_interval < 0 or self.tapo.min_reused_tokens < 1:
+            raise ConfigError("tapo.branch_grad_interval must be >= 0 and tapo.min_reused_tokens >= 1")
         if self.logging.wandb_mode not in ("auto", "offline", "online", "disabled"):
             raise ConfigError(f"logging.wandb_mode={self.logging.wandb_mode!r}: expected auto, offline, online or disabled")
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from tapo_megatron.algorithms.branches import branch_denominators
 from tapo_megatron.algorithms.losses import get_policy_loss
 from tapo_megatron.algorithms.ots import ots_weights
 from tapo_megatron.config import AlgorithmConfig, TapoConfig
@@ -84,20 +85,22 @@ def batch_tensors(batch: TrainBatch) -> dict[str, torch.Tensor]:
 
 def make_policy_loss_fn(batch: TrainBatch, algo: AlgorithmConfig, tapo: TapoConfig):
     """A LossFn for the actor: the registered policy loss ``algo.policy_loss`` (default TAPO's decoupled PPO-clip),
-    normalised by the batch's global token counts."""
+    normalised by the batch's global token counts (per branch or joint: ``tapo.branch_normalization``)."""
     policy_loss = get_policy_loss(algo.policy_loss)
     mask = batch.loss_mask.bool()
-    n_orig = float((mask & ~batch.is_constructed[:, None]).sum())
-    n_cons = float((mask & batch.is_constructed[:, None]).sum())
+    coef = tapo.constructed_coef if tapo.enabled else 0.0
+    d_orig, d_cons = branch_denominators(float((mask & ~batch.is_constructed[:, None]).sum()),
+                                         float((mask & batch.is_constructed[:, None]).sum()),
+                                         coef, tapo.branch_normalization)
 
     def loss_fn(logprobs: torch.Tensor, mb: dict) -> tuple[torch.Tensor, dict]:
         loss, metrics = policy_loss(
             logprobs, mb["old_logprobs"], mb["advantages"], mb["loss_mask"],
             is_constructed=mb["is_constructed"][:, 0].bool(), token_weights=mb["token_weights"],
-            constructed_coef=tapo.constructed_coef if tapo.enabled else 0.0,
+            constructed_coef=coef,
             clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef,
             ref_logprobs=mb.get("ref_logprobs"), kl_estimator=algo.kl_estimator,
-            num_original_tokens=max(n_orig, 1.0), num_constructed_tokens=max(n_cons, 1.0))
+            num_original_tokens=d_orig, num_constructed_tokens=d_cons)
         return loss, metrics
 
     return loss_fn

@@ -1,7 +1,8 @@
 """Stage (3), TAPO's trajectory builder: scored rollouts -> training trajectories with per-token provenance.
 
     candidates.py    DCS online gate (is_candidate), offline ZPD filter (zpd_filter), wrong/correct pairing
-    constructors.py  Constructor interface + registry: "policy" (the policy via the rollout engine), "step_verifier"
+    constructors.py  Constructor interface + registry: "policy" (the policy via the rollout engine),
+                     "policy_located" (a step checker locates, the policy writes), "step_verifier" (oracle)
     parse.py         tolerant <analysis>/<reconstruction> parser, failure reasons
     splice.py        wrong rollout's own prefix tokens (SAMPLED) + reconstruction tail (INJECTED) + eos
     builder.py       TrajectoryBuilder.build(queries, rollouts, step) -> BuildResult (trajectories, metrics)
@@ -14,6 +15,7 @@ from tapo_megatron.trajectory.candidates import is_candidate, select_pairs, zpd_
 from tapo_megatron.trajectory.constructors import (
     ConstructionRequest,
     Constructor,
+    LocatedPolicyConstructor,
     PolicyConstructor,
     StepVerifierConstructor,
     available_constructors,
@@ -30,6 +32,7 @@ __all__ = [
     "ConstructionRequest",
     "Constructor",
     "FailureReason",
+    "LocatedPolicyConstructor",
     "PolicyConstructor",
     "SpliceResult",
     "StepVerifierConstructor",

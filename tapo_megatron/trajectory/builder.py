@@ -29,7 +29,8 @@ Metrics (``BuildResult.metrics``; ratios are NaN when their denominator is 0):
 
     traj/num_original, traj/num_constructed, traj/num_dropped_zero_variance
     adv/num_zero_variance_groups, adv/frac_zero_original
-    tapo/num_candidates, tapo/constructions_attempted, tapo/parse_rate, tapo/splice_rate,
+    tapo/num_candidates, tapo/constructions_attempted, tapo/parse_rate, tapo/splice_rate (spliced / attempted),
+    tapo/acceptance_rate (spliced / parsed; a splice reusing < tapo.min_reused_tokens tokens fails as short_prefix),
     tapo/fail/<reason> (one per FailureReason, 0 when none), tapo/prefix_fraction_mean (over splice attempts),
     tapo/sampled_token_frac (share of constructed response tokens reused from the rollout), tapo/constructed_accuracy,
     tapo/frac_zero_adv_constructed, tapo/frac_zero_adv_constructed_tokens
@@ -111,6 +112,8 @@ class TrajectoryBuilder:
                 raise ValueError(f"tapo.m_max={tapo.m_max} must be >= 1")
             if not 0.0 <= tapo.min_prefix_match <= 1.0:
                 raise ValueError(f"tapo.min_prefix_match={tapo.min_prefix_match} must be in [0, 1]")
+            if tapo.min_reused_tokens < 1:
+                raise ValueError(f"tapo.min_reused_tokens={tapo.min_reused_tokens} must be >= 1")
             if tapo.max_spliced_tokens < 1:
                 raise ValueError(f"tapo.max_spliced_tokens={tapo.max_spliced_tokens} must be >= 1")
             if algo.advantage_estimator == "grpo":
@@ -224,6 +227,8 @@ class TrajectoryBuilder:
                 advantage_group=len(queries) + qi,
             )
             prefix_fractions.append(result.prefix_fraction)
+            if result.failure is None and result.prefix_tokens < tapo.min_reused_tokens:
+                result.failure = FailureReason.SHORT_PREFIX.value  # a rewrite, not a micro-reflection
             if result.failure is not None:
                 failures[result.failure] += 1
                 continue
@@ -242,6 +247,7 @@ class TrajectoryBuilder:
             "tapo/constructions_attempted": float(attempted),
             "tapo/parse_rate": _ratio(n_parsed, attempted),
             "tapo/splice_rate": _ratio(len(out), attempted),
+            "tapo/acceptance_rate": _ratio(len(out), n_parsed),  # of the parsed constructions, the share spliced
             "tapo/prefix_fraction_mean": _mean(prefix_fractions),
         }
         for reason in FailureReason:

@@ -12,6 +12,11 @@ Registered constructors (``build_constructor(tapo_cfg, engine=..., tokenizer=...
   construction prompt rendered from a template file (default ``templates/construction_prompt.txt``, placeholders
   ``{problem}``, ``{wrong_solution}``, ``{reference_solution}``) in the tokenizer's chat format. One engine call per
   step for all requests.
+- ``"policy_located"`` (``LocatedPolicyConstructor``): for a task with a step verifier (the arithmetic demo, whose
+  20-token vocabulary cannot express a construction prompt): the step checker only LOCATES the first faulty step;
+  the current policy, through the rollout engine, is shown its original query, its own wrong solution up to and
+  including that step and the task's correction marker, and writes the correction and the corrected continuation
+  itself. The policy's continuation is scored like any other construction, so its corrections can be wrong.
 - ``"step_verifier"`` (``StepVerifierConstructor``): for a task with a step verifier (``Task.step_verifier``, e.g.
   the arithmetic demo's): the verifier finds the first wrong step programmatically and writes the correction. This is
   an oracle, not the method: the program, not the policy, writes the correction.
@@ -45,6 +50,7 @@ __all__ = [
     "PolicyConstructor",
     "StepVerifierTask",
     "StepVerifierConstructor",
+    "LocatedPolicyConstructor",
     "render_construction_prompt",
     "register_constructor",
     "get_constructor",
@@ -95,6 +101,12 @@ class StepVerifierTask(Protocol):
 
     def describe_first_error(self, problem: str, response_text: str) -> str:
         """A one-sentence diagnosis of the first faulty step."""
+
+    def correction_prefix(self, problem: str, response_text: str) -> str | None:
+        """``response_text`` up to and including its first faulty step (the task may append a step terminator);
+        None when nothing in it is wrong (a correct or merely unfinished response)."""
+
+    correction_marker: str  # the task's reflection marker, written right after the faulty step
 
 
 class Constructor(abc.ABC):
@@ -215,7 +227,8 @@ class PolicyConstructor(Constructor):
             raise ValueError(
                 f"PolicyConstructor: the tokenizer cannot encode the construction prompt {self.template_path} "
                 f"({exc}); the arithmetic demo's char vocabulary has no room for it: use tapo.constructor="
-                "'step_verifier' there"
+                "'policy_located' there (its step checker locates the error, the policy writes the correction; "
+                "'step_verifier' is the program-written oracle ablation)"
             ) from exc
 
     @classmethod
@@ -250,10 +263,7 @@ class PolicyConstructor(Constructor):
         out: list[Construction] = []
         for gen in generations:
             parsed = parse_construction(self.tokenizer.decode(gen.token_ids), self.max_chars)
-            if parsed.failure is None and not parsed.closed and gen.finish_reason is not FinishReason.STOP:
-                reason = FailureReason.TOO_LONG if gen.finish_reason is FinishReason.LENGTH else FailureReason.ABORTED
-                parsed = Construction(None, parsed.analysis, reason.value, parsed.raw)
-            out.append(parsed)
+            out.append(parsed if parsed.closed else _cut_off(gen, parsed))
         return out
 
 
@@ -301,3 +311,90 @@ class StepVerifierConstructor(Constructor):
             raw = f"<analysis>\n{analysis}\n</analysis>\n<reconstruction>\n{reconstruction}\n</reconstruction>"
             out.append(parse_construction(raw, max_chars=max(DEFAULT_MAX_CHARS, len(raw))))
         return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Located policy constructor: the step checker locates, the policy writes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _cut_off(gen, parsed: Construction) -> Construction:
+    """A construction whose generation did not stop at eos is cut off: ``too_long`` (length) or ``aborted``."""
+    if parsed.failure is None and gen.finish_reason is not FinishReason.STOP:
+        reason = FailureReason.TOO_LONG if gen.finish_reason is FinishReason.LENGTH else FailureReason.ABORTED
+        return Construction(None, parsed.analysis, reason.value, parsed.raw)
+    return parsed
+
+
+@register_constructor("policy_located")
+class LocatedPolicyConstructor(Constructor):
+    """The policy writes the correction after the faulty step its task's step checker located.
+
+    For each request: ``prefix = step_verifier.correction_prefix(problem, wrong)`` (None: ``no_error``); the prompt
+    is the wrong rollout's own prompt ids + ``encode(prefix + marker)`` (the original query, never a construction
+    prompt); the policy continues from there in one engine call for the whole step, and the reconstruction is
+    ``prefix + marker + continuation``. Splicing then reuses the rollout's own tokens for the copied prefix
+    (SAMPLED) and injects ``marker + continuation``: everything injected except the one-character marker was
+    written by the policy. A continuation that did not stop at eos fails as ``too_long`` / ``aborted``.
+
+    Args:
+        engine: the rollout engine serving the current policy.
+        tokenizer: the policy's tokenizer (must encode the marker).
+        step_verifier: locates the first faulty step and names the marker (``StepVerifierTask``).
+        sampling: continuation sampling; None: temperature 1, top_p 1, 256 new tokens; eos always stops it.
+        max_chars: answers longer than this fail as ``too_long``.
+    """
+
+    def __init__(self, engine: RolloutEngine, tokenizer: Tokenizer, step_verifier: StepVerifierTask,
+                 sampling: SamplingParams | None = None, max_chars: int = DEFAULT_MAX_CHARS) -> None:
+        self.engine, self.tokenizer, self.step_verifier = engine, tokenizer, step_verifier
+        self.marker = step_verifier.correction_marker
+        tokenizer.encode(self.marker)  # a marker the vocabulary cannot express fails here, not mid-training
+        sampling = sampling or SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=256)
+        if tokenizer.eos_id not in sampling.stop_token_ids:
+            sampling = dataclasses.replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) + (tokenizer.eos_id,))
+        self.sampling = sampling
+        self.max_chars = max_chars
+
+    @classmethod
+    def from_config(
+        cls, tapo: TapoConfig, *, engine: RolloutEngine | None = None, tokenizer: Tokenizer | None = None,
+        step_verifier: StepVerifierTask | None = None,
+    ) -> LocatedPolicyConstructor:
+        if step_verifier is None:
+            raise ConfigError("tapo.constructor='policy_located' needs a task with a step verifier (the arithmetic "
+                              "task has one; on math the policy's own <analysis> locates the error: use "
+                              "tapo.constructor='policy')")
+        if engine is None or tokenizer is None:
+            raise ValueError("tapo.constructor='policy_located' needs the rollout engine and the tokenizer")
+        sampling = SamplingParams(temperature=tapo.construction_temperature, top_p=tapo.construction_top_p,
+                                  max_new_tokens=tapo.max_construction_tokens, stop_token_ids=(tokenizer.eos_id,))
+        return cls(engine, tokenizer, step_verifier, sampling=sampling, max_chars=tapo.max_construction_chars)
+
+    def construct(self, requests: Sequence[ConstructionRequest]) -> list[Construction]:
+        out: list[Construction | None] = [None] * len(requests)
+        prefixes: dict[int, str] = {}
+        for i, request in enumerate(requests):
+            wrong = request.wrong_solution
+            try:
+                prefix = self.step_verifier.correction_prefix(request.query.problem, wrong)
+            except ValueError as exc:
+                raise ValueError(f"policy_located constructor cannot check query {request.query.id!r}: {exc}") from exc
+            if prefix is None:
+                out[i] = Construction(None, "", FailureReason.NO_ERROR.value, "")
+            else:
+                prefixes[i] = prefix
+        prompts = [list(requests[i].wrong.prompt_ids) + self.tokenizer.encode(prefix + self.marker)
+                   for i, prefix in prefixes.items()]
+        generations = self.engine.generate(prompts, self.sampling) if prompts else []  # one batch for the step
+        if len(generations) != len(prompts):
+            raise RuntimeError(f"rollout engine returned {len(generations)} generations for {len(prompts)} prompts")
+        for (i, prefix), gen in zip(prefixes.items(), generations):
+            request = requests[i]
+            analysis = self.step_verifier.describe_first_error(request.query.problem, request.wrong_solution)
+            continuation = self.tokenizer.decode(gen.token_ids)  # the eos dropped
+            raw = (f"<analysis>\n{analysis}\n</analysis>\n"
+                   f"<reconstruction>\n{prefix}{self.marker}{continuation}\n</reconstruction>")
+            # We close the tag ourselves, so `closed` says nothing: what matters is whether the policy stopped.
+            out[i] = _cut_off(gen, parse_construction(raw, self.max_chars))
+        return out  # type: ignore[return-value]  # every slot was filled above

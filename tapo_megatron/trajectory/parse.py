@@ -41,6 +41,7 @@ class FailureReason(str, enum.Enum):
     NO_ERROR = "no_error"  # step verifier: the "wrong" response has no faulty step (nothing to correct)
     PREFIX_MISMATCH = "prefix_mismatch"  # splice: the reconstruction does not copy the wrong response's prefix
     NO_CONTINUATION = "no_continuation"  # splice: the reconstruction adds nothing after the copied prefix
+    SHORT_PREFIX = "short_prefix"  # builder: the splice reuses fewer than tapo.min_reused_tokens rollout tokens
 
 
 @dataclass
