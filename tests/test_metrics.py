@@ -9,10 +9,12 @@ import pytest
 from tapo_megatron.algorithms.metrics import (
     direct_solution_rate,
     effective_reflection_rate,
+    first_attempt_rate,
     format_rate,
     mean_pass_at_k,
     pass_at_1,
     pass_at_k,
+    spurious_reflection_rate,
 )
 from tapo_megatron.algorithms.reflection import DEFAULT_REFLECTION_PATTERNS, ReflectionDetector
 
@@ -181,3 +183,54 @@ def test_dsr_err_with_detector():
     assert reflective == [False, True, True, False]
     assert direct_solution_rate(correct, reflective) == pytest.approx(0.5)  # 1 of 2 correct had no reflection
     assert effective_reflection_rate(correct, reflective) == pytest.approx(0.5)  # 1 of 2 reflective is correct
+
+
+# ----------------------------------------------------------------------------- first attempt, spurious reflections
+
+# Six hand-labelled arithmetic responses to 7+5*3-4 (gold 5*3=15;7+15=22;22-4=18;A18), marker W:
+#   text                                           correct reflective clean-first-attempt
+ARITH_CASES = [
+    ("5*3=15;7+15=22;22-4=18;A18", True, False, True),  # direct and right
+    ("5*3=15;7+15=21;W7+15=22;22-4=18;A18", True, True, False),  # slip, then an effective correction
+    ("5*3=15;W5*3=15;7+15=22;22-4=18;A18", True, True, True),  # spurious: nothing wrong before W
+    ("5*3=15;7+15=21;21-4=17;A17", False, False, False),  # wrong, never reflects
+    ("5*3=15;7+15=22;W7+15=23;23-4=19;A19", False, True, True),  # spurious and harmful
+    ("5*3=16;W5*3=17;7+17=24;24-4=20;A20", False, True, False),  # slip, failed correction
+]
+
+
+def test_first_attempt_and_spurious_rates_hand_values():
+    from tapo_megatron.evaluation.core import first_attempt_clean
+    from tapo_megatron.tasks.arithmetic import ArithmeticStepVerifier, ArithmeticTask, exact_answer_reward
+
+    query = ArithmeticTask().make_query("7+5*3-4")
+    detector = ReflectionDetector(patterns=[], markers=["W"])
+    correct = [exact_answer_reward(t, query.answer) > 0.5 for t, *_ in ARITH_CASES]
+    reflective = [detector.is_reflective(t) for t, *_ in ARITH_CASES]
+    clean = [first_attempt_clean(query, t, c, detector, exact_answer_reward, ArithmeticStepVerifier())
+             for (t, *_), c in zip(ARITH_CASES, correct)]
+    assert (correct, reflective, clean) == tuple(list(col) for col in zip(*ARITH_CASES))[1:]
+    # first attempt: clean and correct = rows 0 and 2 of 6; DSR: of 3 correct, 1 without W; ERR: of 4 with W, 2 right
+    assert first_attempt_rate(correct, clean) == pytest.approx(2 / 6)
+    assert direct_solution_rate(correct, reflective) == pytest.approx(1 / 3)
+    assert effective_reflection_rate(correct, reflective) == pytest.approx(2 / 4)
+    # spurious: of the 4 reflective rows, rows 2 and 4 had nothing wrong before W
+    assert spurious_reflection_rate(reflective, clean) == pytest.approx(2 / 4)
+    assert math.isnan(spurious_reflection_rate([False, False], [True, False]))
+    assert math.isnan(first_attempt_rate([], []))
+    with pytest.raises(ValueError, match="reflective has 2 entries but clean_first_attempt has 1"):
+        spurious_reflection_rate([True, False], [True])
+
+
+def test_first_attempt_without_a_step_verifier_reads_the_answer_before_the_reflection():
+    from tapo_megatron.evaluation.core import first_attempt_clean
+    from tapo_megatron.records import Query
+
+    def boxed(text, gold):  # a stand-in verifier: the last \boxed{} equals gold
+        return 1.0 if text.rfind("\\boxed{") >= 0 and text[text.rfind("\\boxed{") + 7:].split("}")[0] == gold else 0.0
+
+    q, det = Query("q", "1+1", "2"), ReflectionDetector()
+    assert first_attempt_clean(q, "So \\boxed{2}.", True, det, boxed) is True
+    assert first_attempt_clean(q, "So \\boxed{3}.", False, det, boxed) is False
+    assert first_attempt_clean(q, "So \\boxed{2}. Wait, let me re-check: \\boxed{2}.", True, det, boxed) is True
+    assert first_attempt_clean(q, "So \\boxed{3}. Wait, that is wrong: \\boxed{2}.", True, det, boxed) is False

@@ -27,10 +27,12 @@ from tapo_megatron.algorithms.losses import (
 from tapo_megatron.algorithms.metrics import (
     direct_solution_rate,
     effective_reflection_rate,
+    first_attempt_rate,
     format_rate,
     mean_pass_at_k,
     pass_at_1,
     pass_at_k,
+    spurious_reflection_rate,
 )
 from tapo_megatron.algorithms.ots import ots_weights, token_entropy_from_logits
 from tapo_megatron.algorithms.reflection import DEFAULT_REFLECTION_PATTERNS, ReflectionDetector, ReflectionMatch
@@ -56,6 +58,8 @@ __all__ = [
     "sft_loss",
     "direct_solution_rate",
     "effective_reflection_rate",
+    "first_attempt_rate",
+    "spurious_reflection_rate",
     "format_rate",
     "mean_pass_at_k",
     "pass_at_1",

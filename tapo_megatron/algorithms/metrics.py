@@ -1,8 +1,16 @@
-"""Evaluation metrics: unbiased pass@k, pass@1, Direct Solution Rate (DSR) and Effective Reflection Rate (ERR).
+"""Evaluation metrics: unbiased pass@k, pass@1, DSR, ERR, first-attempt correctness, spurious reflections.
 
     pass_at_k(n, c, k)   = 1 - C(n - c, k) / C(n, k)     (n samples of one problem, c of them correct)
     DSR = #(correct and not reflective) / #correct          "of the correct responses, the share with no reflection"
     ERR = #(reflective and correct) / #reflective           "of the reflective responses, the share that end correct"
+    first-attempt = #(clean first attempt and correct) / #responses
+    spurious = #(reflective and clean first attempt) / #reflective
+
+The first attempt of a response is its text before the first reflection (all of it when it has none); it is clean
+when it contains no faulty step (exact on the arithmetic task, whose step checker says so; see
+``evaluation.core.evaluate`` for tasks without one). DSR only counts how often the marker is written; first-attempt
+correctness asks whether the model got it right before reflecting, and a spurious reflection is one that follows a
+clean attempt (nothing to correct).
 
 Rates whose denominator is 0 (no correct response for DSR, no reflective response for ERR) are undefined and
 returned as float('nan'); print them with :func:`format_rate`, which writes "n/a".
@@ -19,6 +27,8 @@ __all__ = [
     "pass_at_1",
     "direct_solution_rate",
     "effective_reflection_rate",
+    "first_attempt_rate",
+    "spurious_reflection_rate",
     "format_rate",
 ]
 
@@ -68,9 +78,10 @@ def pass_at_1(correct: Sequence[Sequence[bool]]) -> float:
     return total / len(correct)
 
 
-def _check_pairs(fn: str, correct: Sequence[bool], reflective: Sequence[bool]) -> None:
-    if len(correct) != len(reflective):
-        raise ValueError(f"{fn}: correct has {len(correct)} entries but reflective has {len(reflective)}")
+def _check_pairs(fn: str, first: Sequence[bool], second: Sequence[bool],
+                 names: tuple[str, str] = ("correct", "reflective")) -> None:
+    if len(first) != len(second):
+        raise ValueError(f"{fn}: {names[0]} has {len(first)} entries but {names[1]} has {len(second)}")
 
 
 def direct_solution_rate(correct: Sequence[bool], reflective: Sequence[bool]) -> float:
@@ -92,6 +103,24 @@ def effective_reflection_rate(correct: Sequence[bool], reflective: Sequence[bool
     if n_reflective == 0:
         return float("nan")
     return sum(bool(c) and bool(r) for c, r in zip(correct, reflective)) / n_reflective
+
+
+def first_attempt_rate(correct: Sequence[bool], clean_first_attempt: Sequence[bool]) -> float:
+    """Of all responses, the share whose first attempt is clean and that end correct. NaN when there are none."""
+    _check_pairs("first_attempt_rate", correct, clean_first_attempt, ("correct", "clean_first_attempt"))
+    if not correct:
+        return float("nan")
+    return sum(bool(c) and bool(f) for c, f in zip(correct, clean_first_attempt)) / len(correct)
+
+
+def spurious_reflection_rate(reflective: Sequence[bool], clean_first_attempt: Sequence[bool]) -> float:
+    """Of the reflective responses, the share whose attempt before the first reflection was clean. NaN when none
+    reflects."""
+    _check_pairs("spurious_reflection_rate", reflective, clean_first_attempt, ("reflective", "clean_first_attempt"))
+    n_reflective = sum(bool(r) for r in reflective)
+    if n_reflective == 0:
+        return float("nan")
+    return sum(bool(r) and bool(f) for r, f in zip(reflective, clean_first_attempt)) / n_reflective
 
 
 def format_rate(value: float, digits: int = 1) -> str:

@@ -53,7 +53,7 @@ def run(args) -> None:
 def _eval(engine, cfg, task, path=None) -> dict:
     return evaluate(engine, task.evals["heldout"], task.reward, task.tokenizer, n_samples=cfg.data.eval_samples,
                     max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed + 7, samples_path=path,
-                    detector=task.reflection)
+                    detector=task.reflection, step_verifier=task.step_verifier)
 
 
 def cold_start(cfg, out: Path, target: float, check_every: int) -> tuple[Path, dict]:

@@ -1,4 +1,5 @@
-"""Evaluation: greedy accuracy, Pass@1 / Pass@k over n samples, Direct Solution Rate, Effective Reflection Rate.
+"""Evaluation: greedy accuracy, Pass@1 / Pass@k over n samples, DSR, ERR, first-attempt correctness, spurious
+reflections.
 
 The same function runs on the demo's held-out split, on AIME/HMMT files, and every N steps during RL.
 Per-sample rows (``EvalSample``: response, extracted ``\boxed{}`` answer, correct, reflective) can be written to
@@ -12,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from tapo_megatron.algorithms.metrics import direct_solution_rate, effective_reflection_rate, mean_pass_at_k
+from tapo_megatron.algorithms.metrics import (direct_solution_rate, effective_reflection_rate, first_attempt_rate,
+                                              mean_pass_at_k, spurious_reflection_rate)
 from tapo_megatron.algorithms.reflection import ReflectionDetector
 from tapo_megatron.records import Query, Rollout, SamplingParams
 from tapo_megatron.rewards import extract_boxed, score_rollouts
@@ -29,20 +31,43 @@ class EvalSample:
     correct: bool
     reflective: bool
     num_tokens: int
+    clean_first_attempt: bool = False  # no faulty step before the first reflection (see first_attempt_clean)
+
+
+def first_attempt_clean(query: Query, text: str, correct: bool, detector: ReflectionDetector, reward_fn,
+                        step_verifier=None) -> bool:
+    """Whether the attempt before the first reflection (the whole text without one) has no faulty step.
+
+    With a step verifier (the arithmetic task) this is exact: ``step_verifier.first_attempt_clean``. Without one
+    (math) it is read from answers: a response without reflection is clean iff correct; a reflective one iff the
+    text before its first reflection already verifies (a correct answer was written before reflecting)."""
+    matches = detector.find(text)
+    start = matches[0].start if matches else None
+    if step_verifier is not None:
+        return step_verifier.first_attempt_clean(query.problem, text, start)
+    if start is None:
+        return correct
+    return reward_fn(text[:start], query.answer) > 0.5
 
 
 def evaluate(engine: RolloutEngine, queries: list[Query], reward_fn: Callable[[str, str], float], tokenizer, *,
              n_samples: int = 4, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64,
              greedy: bool = True, ks: tuple[int, ...] = (1, 2, 4, 8, 16), detector: ReflectionDetector | None = None,
-             seed: int = 0, samples_path: str | Path | None = None) -> dict[str, float]:
+             seed: int = 0, samples_path: str | Path | None = None, step_verifier=None) -> dict[str, float]:
+    """Greedy and sampled evaluation of ``queries``; ``step_verifier`` (a task's, e.g. the arithmetic one) makes
+    first-attempt correctness and the spurious-reflection rate exact (see ``first_attempt_clean``)."""
     detector = detector or ReflectionDetector()
+    by_id = {q.id: q for q in queries}
     stop = (tokenizer.eos_id,)
     rows: list[EvalSample] = []
 
     def add_rows(rollouts: list[Rollout], sample_index: int) -> None:
         for r in rollouts:
+            correct = r.reward > 0.5
+            clean = first_attempt_clean(by_id[r.query_id], r.response_text, correct, detector, reward_fn,
+                                        step_verifier)
             rows.append(EvalSample(r.query_id, sample_index, r.response_text, extract_boxed(r.response_text),
-                                   r.reward > 0.5, detector.is_reflective(r.response_text), len(r.response_ids)))
+                                   correct, detector.is_reflective(r.response_text), len(r.response_ids), clean))
 
     summary: dict[str, float] = {"num_problems": float(len(queries))}
     if greedy:
@@ -51,6 +76,7 @@ def evaluate(engine: RolloutEngine, queries: list[Query], reward_fn: Callable[[s
         score_rollouts(rollouts, queries, reward_fn)  # one batch: the "math" verifier spreads it over its pool
         add_rows(rollouts, -1)
         summary["greedy_accuracy"] = sum(r.correct for r in rows) / max(1, len(queries))
+        summary["greedy_first_attempt"] = sum(r.correct and r.clean_first_attempt for r in rows) / max(1, len(queries))
     if n_samples > 0:
         params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                 stop_token_ids=stop, seed=seed)
@@ -70,6 +96,9 @@ def evaluate(engine: RolloutEngine, queries: list[Query], reward_fn: Callable[[s
         reflective = [r.reflective for r in sampled]
         summary["dsr"] = direct_solution_rate(correct, reflective)
         summary["err"] = effective_reflection_rate(correct, reflective)
+        clean = [r.clean_first_attempt for r in sampled]
+        summary["first_attempt"] = first_attempt_rate(correct, clean)
+        summary["spurious_reflection_rate"] = spurious_reflection_rate(reflective, clean)
         summary["reflection_rate"] = sum(reflective) / max(1, len(reflective))
         summary["mean_response_tokens"] = sum(r.num_tokens for r in sampled) / max(1, len(sampled))
     if samples_path:
@@ -85,6 +114,7 @@ def evaluate_task(engine: RolloutEngine, task, *, n_samples: int, max_new_tokens
     metrics: dict[str, float] = {}
     for name, queries in task.evals.items():
         summary = evaluate(engine, queries, task.reward, task.tokenizer, n_samples=n_samples,
-                           max_new_tokens=max_new_tokens, seed=seed, detector=task.reflection)
+                           max_new_tokens=max_new_tokens, seed=seed, detector=task.reflection,
+                           step_verifier=task.step_verifier)
         metrics.update({f"eval/{name}/{k}": v for k, v in summary.items()})
     return metrics
