@@ -41,6 +41,7 @@ from tapo_megatron.rollout.sampling import rollout_metrics, rollout_sampling, sa
 from tapo_megatron.tasks import Task, build_task
 from tapo_megatron.training.actor import MegatronActor
 from tapo_megatron.training.batch import collate
+from tapo_megatron.training.distill import attach_teacher_prompts
 from tapo_megatron.training.reference import ReferencePolicy
 from tapo_megatron.training.step import policy_step
 from tapo_megatron.training.weight_sync import connect_weight_sync, probe_tokens, push_weights
@@ -117,6 +118,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         metrics = dict(built.metrics)
         if built.trajectories:
             batch = collate(built.trajectories, task.tokenizer.pad_id, cfg.tapo.train_constructed_prefix)    # (4)
+            attach_teacher_prompts(batch, built.trajectories, queries, task, cfg.algorithm)  # OPSD baseline only
             step_metrics, skipped = policy_step(actor, batch, cfg.algorithm, cfg.tapo, reference, skipped)    # (5)
             metrics.update(step_metrics)
         else:

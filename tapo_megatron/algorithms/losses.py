@@ -248,3 +248,37 @@ list_policy_losses = POLICY_LOSSES.names
 
 
 register_policy_loss("ppo_clip")(policy_loss)
+
+
+@register_policy_loss("sft_constructed")
+def sft_constructed_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    is_constructed: torch.Tensor,
+    num_constructed_tokens: int | float | torch.Tensor | None = None,
+    **_unused,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The paper's SFT baseline: supervised fine-tuning on TAPO's constructed trajectories, no RL term.
+
+    Same rollouts, construction and splicing as TAPO (``tapo.enabled``), but the loss is the negative log-likelihood
+    of the constructed trajectories whose advantage is > 0 (with DAE and ``tapo.constructed_zero_variance='fixed'``
+    exactly the verified-correct ones), divided by the step's constructed token count; originals, clip, KL and OTS
+    weights are ignored. Same signature as :func:`policy_loss` (the other keywords are accepted and unused)."""
+    shape = logprobs.shape
+    _check_token_tensor("loss_mask", loss_mask, shape)
+    if advantages.shape == shape[:1]:
+        advantages = advantages[:, None].expand(shape)
+    _check_token_tensor("advantages", advantages, shape)
+    mask = loss_mask.bool() & is_constructed[:, None]
+    keep = mask & (advantages.detach() > 0)
+    lp = logprobs.float()
+    loss = -torch.where(keep, lp, torch.zeros_like(lp)).sum() / _denominator(num_constructed_tokens, mask,
+                                                                             "num_constructed_tokens")
+    with torch.no_grad():
+        metrics = {"loss/constructed": loss.detach(), "sft/trained_token_frac": _masked_mean(keep.float(), mask),
+                   "num_tokens/original": (loss_mask.bool() & ~is_constructed[:, None]).sum().float(),
+                   "num_tokens/constructed": mask.sum().float()}
+    return loss, metrics

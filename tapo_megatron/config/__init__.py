@@ -104,6 +104,10 @@ class AlgorithmConfig:
     kl_coef: float = 0.0
     kl_estimator: str = "k3"
     drop_zero_variance_groups: bool = True  # originals whose group has one reward value carry no signal
+    # Baseline OPSD (on-policy self-distillation): "opsd" replaces the reward advantages of the student's rollouts by
+    # the per-token log-ratio log pi(y_t | teacher context) - log pi(y_t | x), the teacher being the same model
+    # conditioned on the reference solution (training/distill.py). "none": reward advantages (GRPO / TAPO).
+    distillation: str = "none"
 
 
 @dataclass
@@ -259,6 +263,14 @@ class TrainConfig:
             raise ConfigError(
                 f"tapo.n_pos + tapo.n_neg = {self.tapo.n_pos + self.tapo.n_neg} exceeds "
                 f"rollout.n_samples_per_prompt = {self.rollout.n_samples_per_prompt}: no query can be a candidate")
+        if self.algorithm.distillation not in ("none", "opsd"):
+            raise ConfigError(f"algorithm.distillation={self.algorithm.distillation!r}: expected none or opsd")
+        if self.algorithm.distillation == "opsd" and (self.tapo.enabled or self.algorithm.drop_zero_variance_groups):
+            raise ConfigError("algorithm.distillation='opsd' is a baseline of its own: it needs tapo.enabled=false and "
+                              "algorithm.drop_zero_variance_groups=false (every rollout carries a distillation signal)")
+        if self.algorithm.policy_loss == "sft_constructed" and not self.tapo.enabled:
+            raise ConfigError("algorithm.policy_loss='sft_constructed' trains on TAPO's constructed trajectories: it "
+                              "needs tapo.enabled=true")
         if self.tapo.branch_normalization not in ("per_branch", "joint"):
             raise ConfigError(f"tapo.branch_normalization={self.tapo.branch_normalization!r}: expected per_branch "
                               "or joint")

@@ -37,6 +37,9 @@ class Task:
     train: list[Query]  # the RL training pool
     evals: dict[str, list[Query]] = field(default_factory=dict)  # benchmark name -> queries
     step_verifier: Optional[StepVerifierTask] = None  # a task whose solutions can be checked step by step
+    # OPSD's teacher context for a query: the prompt ids of the same model shown the reference solution; None: the
+    # task has no reference solutions (algorithm.distillation='opsd' is refused)
+    teacher_prompt: Optional[Callable[[Query], list[int]]] = None
     sft_examples: Optional[SftExampleFn] = None  # a task that writes its own SFT data (the arithmetic demo)
 
 

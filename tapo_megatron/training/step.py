@@ -8,6 +8,7 @@ from tapo_megatron.config import AlgorithmConfig, TapoConfig
 from tapo_megatron.records import TrainBatch
 from tapo_megatron.training.actor import NonFiniteLossError
 from tapo_megatron.training.branch_grads import branch_gradient_stats
+from tapo_megatron.training.distill import opsd_advantages
 from tapo_megatron.training.batch import batch_tensors, fill_policy_tensors, make_policy_loss_fn
 
 MAX_SKIPPED_STEPS = 3  # non-finite steps in a row that mean training has diverged
@@ -20,6 +21,7 @@ def policy_step(actor, batch: TrainBatch, algo: AlgorithmConfig, tapo: TapoConfi
     A non-finite loss or gradient skips the step (weights untouched, the iteration consumed) and is logged;
     ``MAX_SKIPPED_STEPS`` in a row stop the run with the error. Returns (metrics, skipped steps in a row)."""
     metrics = fill_policy_tensors(batch, actor, tapo)
+    metrics.update(opsd_advantages(actor, batch))  # OPSD baseline: teacher-student log-ratios replace advantages
     if tapo.branch_grad_interval and actor.iteration % tapo.branch_grad_interval == 0:
         metrics.update(branch_gradient_stats(actor, batch, algo, tapo))  # diagnostic passes, before the update
     if reference is not None:

@@ -72,4 +72,11 @@ def make_task(data: DataConfig, model: ModelConfig, seed: int) -> Task:
         evals={"heldout": problems.generate_split(data.num_eval_problems, seed + 1, "heldout")},
         step_verifier=ArithmeticStepVerifier(),
         sft_examples=lambda n, s, reflective: problems.sft_examples(n, s, reflective_fraction=reflective),
+        teacher_prompt=teacher_prompt,
     )
+
+
+def teacher_prompt(query) -> list[int]:
+    """OPSD's teacher context: the gold solution, then the unpadded prompt (``5*3=15;...;A18<eos>7+5*3-4>``).
+    The char vocabulary has no words, so the reference is shown as a solved example right before the problem."""
+    return TOKENIZER.encode(solution_text(query.problem)) + [TOKENIZER.eos_id] + TOKENIZER.chat_prompt_ids(query.problem)

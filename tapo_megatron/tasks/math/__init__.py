@@ -6,6 +6,7 @@ Files are JSONL rows with ``problem`` and ``answer`` (``data.queries``). A name 
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from tapo_megatron.algorithms.reflection import ReflectionDetector
@@ -42,8 +43,22 @@ def make_task(data: DataConfig, model: ModelConfig, seed: int) -> Task:
         raise ConfigError("data.train_file is required by the math task (a JSONL path or a shipped set: "
                           "deepscaler, math)")
     tokenizer = load_tokenizer(model.tokenizer)
-    train = [q for f in [data.train_file, *data.train_files]
-             for q in load_queries(resolve_dataset(f), on_error=data.on_bad_row, tokenizer=tokenizer).queries]
     evals = dict(load_eval_set(f, tokenizer, data.on_bad_row) for f in data.eval_files)
+    files = [load_queries(resolve_dataset(f), on_error=data.on_bad_row, tokenizer=tokenizer)
+             for f in [data.train_file, *data.train_files]]
+    solutions = {k: v for f in files for k, v in f.solutions.items()}
     return Task(name="math", tokenizer=tokenizer, reward=task_reward(data, "math"), reflection=ReflectionDetector(),
-                train=train, evals={name: qf.queries for name, qf in evals.items()})
+                train=[q for f in files for q in f.queries], evals={name: qf.queries for name, qf in evals.items()},
+                teacher_prompt=lambda q: tokenizer.chat_prompt_ids(render_teacher_prompt(q, solutions.get(q.id))))
+
+
+TEACHER_TEMPLATE = Path(__file__).resolve().parents[2] / "trajectory" / "templates" / "opsd_teacher_prompt.txt"
+_TEACHER_FIELDS = re.compile(r"\{(problem|reference_solution)\}")
+
+
+def render_teacher_prompt(query, solution: str | None, template: str | None = None) -> str:
+    """OPSD's teacher prompt: the problem with its reference solution (the file's gold ``solution``; without one,
+    the gold answer), from ``templates/opsd_teacher_prompt.txt``; one pass, so braces in the texts stay literal."""
+    values = {"problem": query.problem,
+              "reference_solution": solution or f"The final answer is $\\boxed{{{query.answer}}}$."}
+    return _TEACHER_FIELDS.sub(lambda m: values[m.group(1)], template or TEACHER_TEMPLATE.read_text())
