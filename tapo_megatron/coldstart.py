@@ -49,6 +49,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from tapo_megatron.config import ConfigError, TrainConfig
 from tapo_megatron.data.assets import resolve_dataset
 from tapo_megatron.data.queries import BadRow, DataError, load_queries
@@ -64,7 +66,8 @@ from tapo_megatron.trajectory.candidates import is_correct, select_pairs, zpd_fi
 from tapo_megatron.trajectory.constructors import ConstructionRequest, PolicyConstructor, render_construction_prompt
 from tapo_megatron.trajectory.splice import response_body_ids, splice
 
-__all__ = ["KINDS", "OUTPUT_FILES", "RowProvenance", "ColdStartRow", "ColdStartReport", "build_coldstart",
+__all__ = ["KINDS", "OUTPUT_FILES", "RowProvenance", "ColdStartRow", "ColdStartReport", "FilterReport", "build_coldstart",
+           "filter_queries",
            "gold_answer_problem", "read_rows"]
 
 CONSTRUCTION_TASK, MICRO_REFLECTIVE, INSTRUCTION = "construction_task", "micro_reflective", "instruction_following"
@@ -287,6 +290,17 @@ def _chunk_seed(seed: int, chunk: int) -> int:
     return (seed * 1_000_003 + chunk * 7919) % 2**31  # depends only on (seed, chunk): resumes sample alike
 
 
+def _scored_rollouts(cfg: TrainConfig, engine, tokenizer, reward_fn, sources: list[_Source], seed: int) -> list[Rollout]:
+    """K = rollout.n_samples_per_prompt scored samples per query (query-major), sampled with the rollout section."""
+    r = cfg.rollout
+    params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                            stop_token_ids=(tokenizer.eos_id,), seed=seed)
+    queries = [s.query for s in sources]
+    rollouts = sample_groups(engine, queries, r.n_samples_per_prompt, params, tokenizer)
+    score_rollouts(rollouts, queries, reward_fn)
+    return rollouts
+
+
 class _ChunkBuilder:
     def __init__(self, cfg: TrainConfig, engine, tokenizer, reward_fn, model: str, version: str):
         self.cfg, self.engine, self.tok, self.reward_fn = cfg, engine, tokenizer, reward_fn
@@ -303,13 +317,7 @@ class _ChunkBuilder:
         return RowProvenance(src.query.id, src.file, self.model, self.version, self.cfg.seed, chunk, method, details)
 
     def rollouts(self, sources: list[_Source], seed: int) -> list[Rollout]:
-        r = self.cfg.rollout
-        params = SamplingParams(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                                stop_token_ids=(self.tok.eos_id,), seed=seed)
-        queries = [s.query for s in sources]
-        rollouts = sample_groups(self.engine, queries, r.n_samples_per_prompt, params, self.tok)
-        score_rollouts(rollouts, queries, self.reward_fn)
-        return rollouts
+        return _scored_rollouts(self.cfg, self.engine, self.tok, self.reward_fn, sources, seed)
 
     def build(self, chunk: int, sources: list[_Source], quota: Counter) -> tuple[list[ColdStartRow], dict]:
         """Rows of one chunk (within the remaining ``quota`` per subkind) and the chunk's stats."""
@@ -522,3 +530,71 @@ def _write_mix(out: Path, seed: int) -> None:
             lines += [line for line in f if line.strip()]
     random.Random(f"coldstart-mix:{seed}").shuffle(lines)
     _write_atomic(out / MIX_FILE, "".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tapo coldstart filter: the offline ZPD filter on the RL queries, with the cold-start model
+# ---------------------------------------------------------------------------------------------------------------
+
+FILTER_FILE, FILTER_REPORT_FILE = "rl_queries.jsonl", "filter_report.json"
+
+
+@dataclass
+class FilterReport:
+    """Counts of one ``tapo coldstart filter`` run."""
+
+    output_file: str
+    queries: int = 0
+    kept: int = 0
+    all_wrong: int = 0  # accuracy below zpd_low (0 of K for the default band)
+    all_correct: int = 0  # above zpd_high
+    bad_rows: int = 0
+    k: int = 0
+    accuracy_histogram: dict = field(default_factory=dict)  # correct count (0..K) -> queries
+
+
+def filter_queries(cfg: TrainConfig, *, policy: PolicySource | None = None, tokenizer=None, reward_fn=None,
+                   progress: bool = True) -> FilterReport:
+    """Keep the RL queries the cold-start model solves sometimes: the offline ZPD filter (TAPO spec step 3).
+
+    For every query of ``coldstart.query_files`` (shuffled with ``seed``, cut to ``max_queries``), sample K =
+    ``rollout.n_samples_per_prompt`` responses from ``coldstart.model_path`` (the cold-start SFT model: HF dir or
+    Megatron checkpoint), score them with ``data.reward``, and keep the queries whose accuracy lies in
+    [``zpd_low``, ``zpd_high``] (default [12.5 %, 87.5 %]: 1 to 7 of 8). Writes ``rl_queries.jsonl`` in
+    ``coldstart.output_dir`` (rows id, problem, answer, solution when the file has one, accuracy: a
+    ``data.train_file`` for RL) and ``filter_report.json``. Sampling seeds depend on (seed, chunk) only."""
+    _check_config(cfg)
+    cs, k = cfg.coldstart, cfg.rollout.n_samples_per_prompt
+    tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer)
+    reward_fn = reward_fn or get_reward(cfg.data.reward)
+    sources, bad = _load_sources(cfg, tokenizer, check_answers=cfg.data.reward == "math")
+    if policy is None:
+        if not cs.model_path:
+            raise ConfigError("tapo coldstart filter needs coldstart.model_path: the cold-start SFT model whose "
+                              "accuracy decides which queries RL trains on")
+        policy = load_policy(cs.model_path, cfg.rollout, cfg.seed)
+    out = Path(cs.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = FilterReport(str(out / FILTER_FILE), queries=len(sources), bad_rows=len(bad), k=k)
+    histogram: Counter = Counter()
+    lines: list[str] = []
+    chunks = [sources[i:i + cs.chunk_size] for i in range(0, len(sources), cs.chunk_size)]
+    for chunk, chunk_sources in enumerate(tqdm(chunks, desc="zpd filter", disable=not progress)):
+        rollouts = _scored_rollouts(cfg, policy.engine, tokenizer, reward_fn, chunk_sources,
+                                    _chunk_seed(cfg.seed, chunk))
+        counts = [sum(is_correct(r.reward) for r in rollouts[i * k:(i + 1) * k]) for i in range(len(chunk_sources))]
+        for src, count, keep in zip(chunk_sources, counts, zpd_filter(counts, k, cs.zpd_low, cs.zpd_high)):
+            histogram[count] += 1
+            if keep:
+                row = {"id": src.query.id, "problem": src.query.problem, "answer": src.query.answer,
+                       **({"solution": src.solution} if src.solution else {}), "accuracy": count / k}
+                lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+            elif count / k < cs.zpd_low:
+                report.all_wrong += 1
+            else:
+                report.all_correct += 1
+    report.kept = len(lines)
+    report.accuracy_histogram = {str(c): histogram[c] for c in sorted(histogram)}
+    _write_atomic(out / FILTER_FILE, "".join(lines))
+    _write_atomic(out / FILTER_REPORT_FILE, json.dumps(asdict(report), indent=1))
+    return report

@@ -282,3 +282,24 @@ coldstart:
     assert out["construction_task"] == out["micro_reflective"] == []
     assert len(out["instruction_following"]) == 6
     assert {r["provenance"]["source_query_id"] for r in out["instruction_following"]} <= {r["id"] for r in rows}
+
+
+def test_zpd_filter_of_the_rl_queries(tmp_path, tokenizer, slice_rows):
+    """``tapo coldstart filter``: K = 4 scripted samples per query, counts [0, 2, 4, 1, 3, 2] -> the 0/4 and 4/4
+    queries leave; the kept rows load as RL queries (``data.train_file``) with their accuracy."""
+    from tapo_megatron.data.queries import load_queries
+
+    path, rows = slice_rows
+    cfg = _cfg(path, tmp_path / "f", zpd_low=0.25, zpd_high=0.75)
+    policy = PolicySource(ScriptedEngine(tokenizer, rows), "unused", "unused", None)
+    report = coldstart.filter_queries(cfg, policy=policy, tokenizer=tokenizer, progress=False)
+    assert (report.queries, report.kept, report.all_wrong, report.all_correct, report.k) == (6, 4, 1, 1, K)
+    assert report.accuracy_histogram == {"0": 1, "1": 1, "2": 2, "3": 1, "4": 1}
+    kept = coldstart.read_rows(tmp_path / "f" / coldstart.FILTER_FILE)
+    by_problem = {r["problem"]: c for r, c in zip(rows, COUNTS)}
+    assert sorted(r["accuracy"] for r in kept) == [0.25, 0.5, 0.5, 0.75]
+    assert all(r["accuracy"] == by_problem[r["problem"]] / K for r in kept)
+    assert len(load_queries(tmp_path / "f" / coldstart.FILTER_FILE, tokenizer=tokenizer).queries) == 4
+    assert json.loads((tmp_path / "f" / coldstart.FILTER_REPORT_FILE).read_text())["kept"] == 4
+    with pytest.raises(coldstart.ConfigError, match="coldstart.model_path"):
+        coldstart.filter_queries(cfg, tokenizer=tokenizer, progress=False)
