@@ -117,6 +117,8 @@ def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
     state = {"cursor": 0}
     if cfg.checkpoint.save and has_checkpoint(cfg.checkpoint.save):
         state = actor.load_checkpoint(cfg.checkpoint.save)
+    elif cfg.checkpoint.pretrained_checkpoint:  # the cold start fine-tunes the base model, not a random init
+        actor.load_model_weights(cfg.checkpoint.pretrained_checkpoint)
     pairs, tokenizer = sft_examples(cfg)
     random.Random(cfg.seed).shuffle(pairs)
     logger = MetricsLogger(cfg.logging.output_dir, run_name=cfg.logging.run_name or "sft", config=to_dict(cfg),

@@ -70,7 +70,8 @@ def test_slurm_dryrun_separate_engine_pool(tmp_path):
     assert cfg["parallel"]["tensor_model_parallel_size"] == 2 and cfg["launch"]["engine_placement"] == "separate"
     assert cfg["rollout"]["weight_sync_mode"] == "distributed" and cfg["rollout"]["num_engines"] == 8
     assert cfg["tapo"]["enabled"] is True and cfg["train_iters"] == 500
-    assert cfg["data"]["train_file"] == "deepscaler"  # a shipped set: travels inside the installed package
+    # RL trains on the ZPD filter's output of the cold-start stages, on the shared runs volume
+    assert cfg["data"]["train_file"] == "${TAPO_RUNS}/qwen3_8b_coldstart/rl_queries.jsonl"
 
 
 def test_slurm_dryrun_colocated_overrides(tmp_path):

@@ -32,10 +32,16 @@ def test_paper_settings_and_real_architecture(size):
     for key, value in cfg.model.hf_config.items():
         assert value == real[key], f"{size}: model.hf_config.{key}={value} but the released config has {real[key]}"
     assert cfg.model.name == SIZES[size]
-    # data: DeepScaleR + MATH for training, AIME24/AIME25/HMMT25 for evaluation, all shipped in the package
-    assert (cfg.data.train_file, cfg.data.train_files) == ("deepscaler", ["math"])
+    # data: DeepScaleR + MATH through the cold start and the ZPD filter, AIME24/AIME25/HMMT25 for evaluation
+    cs = cfg.coldstart
+    assert cs.query_files == ["deepscaler", "math"] and (cs.zpd_low, cs.zpd_high) == (0.125, 0.875)
+    assert cfg.data.train_file == f"{cs.output_dir}/rl_queries.jsonl" and cfg.data.train_files == []
+    assert cfg.sft.data_file == f"{cs.output_dir}/sft_mix.jsonl"
+    assert cfg.checkpoint.pretrained_checkpoint == f"{cs.output_dir}/sft_checkpoints"  # RL starts from the SFT model
     assert cfg.data.eval_files == ["aime24", "aime25", "hmmt25"] and cfg.model.tokenizer == "qwen3"
-    for f in [cfg.data.train_file, *cfg.data.train_files, *cfg.data.eval_files]:
+    # a construction copies the wrong rollout before correcting it: room for a whole rollout and more
+    assert t.max_construction_tokens >= cfg.rollout.max_new_tokens and t.min_reused_tokens == 32
+    for f in [*cs.query_files, *cfg.data.eval_files]:
         path = resolve_dataset(f)
         assert path.parent == FILES_DIR and path.is_file(), f
 
@@ -56,11 +62,13 @@ def test_tiny_is_the_06b_recipe_shrunk():
              ("optimizer", "lr_warmup_iters"), ("rollout", "engine"), ("rollout", "engine_model_path"), ("rollout", "rollout_batch_size"),
              ("rollout", "max_new_tokens"), ("algorithm", "drop_zero_variance_groups"),
              ("tapo", "max_construction_tokens"), ("tapo", "max_spliced_tokens"), ("launch", "max_prompt_tokens"),
+             # tiny has no cold-start stages: it trains on the shipped files from a random init
+             ("data", "train_file"), ("data", "train_files"), ("tapo", "min_reused_tokens"),
              ("launch", "reserved_gb")}
     differing = set()
     for section, value in full.items():
-        if section in ("checkpoint", "logging"):
-            continue  # paths and run names
+        if section in ("checkpoint", "logging", "coldstart", "sft"):
+            continue  # paths, run names and the cold-start stages
         if isinstance(value, dict):
             differing |= {(section, k) for k in value if value[k] != tiny[section][k]}
         elif value != tiny[section]:
@@ -93,7 +101,8 @@ def test_env_references_expand(tmp_path, monkeypatch):
     monkeypatch.setenv("TAPO_MODELS", "/m")
     monkeypatch.setenv("TAPO_RUNS", str(tmp_path))
     cfg = load_recipe("qwen3_4b_grpo")
-    assert cfg.checkpoint.pretrained_checkpoint == "/m/Qwen3-4B-mcore"
+    assert cfg.checkpoint.pretrained_checkpoint == f"{tmp_path}/qwen3_4b_coldstart/sft_checkpoints"
+    assert cfg.coldstart.model_path == "/m/Qwen3-4B"
     assert cfg.checkpoint.export_hf == f"{tmp_path}/qwen3_4b_grpo/hf"
     # load_config (tapo train --config) expands the same way
     assert load_config(recipe_path("qwen3_4b_grpo")).logging.output_dir == f"{tmp_path}/qwen3_4b_grpo"
