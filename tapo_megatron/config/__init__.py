@@ -40,6 +40,9 @@ class DataConfig:
     num_train_problems: int = 20000  # arithmetic task: size of the training pool
     num_eval_problems: int = 500  # arithmetic task: held-out problems per evaluation
     eval_samples: int = 4  # n samples per problem at evaluation (plus one greedy)
+    # Seed of the task's problems and splits (arithmetic: which problems are train / held-out); -1: the run's seed.
+    # A paired-seed experiment fixes it, so every seed trains and is evaluated on the same problems.
+    problem_seed: int = -1
 
 
 @dataclass

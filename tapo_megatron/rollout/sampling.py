@@ -10,6 +10,7 @@ loop, evaluation and the cold-start build all sample through this function, in o
 """
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 from tapo_megatron.config import RolloutConfig
@@ -37,9 +38,11 @@ def rollout_sampling(rollout: RolloutConfig, eos_id: int, seed: int | None) -> S
 
 
 def rollout_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
-    """Scored rollouts' ``rollout/*`` metrics: accuracy, mean reward, mean response length, truncated share."""
+    """Scored rollouts' ``rollout/*`` metrics: accuracy, mean reward, mean response length, truncated share, and
+    ``rollout/query_crc`` (CRC-32 of the step's query ids: runs of a paired experiment must log the same)."""
     n = max(1, len(rollouts))
-    return {"rollout/accuracy": sum(r.reward > 0.5 for r in rollouts) / n,
+    query_ids = "\n".join(dict.fromkeys(r.query_id for r in rollouts))
+    return {"rollout/query_crc": float(zlib.crc32(query_ids.encode())), "rollout/accuracy": sum(r.reward > 0.5 for r in rollouts) / n,
             "rollout/reward": sum(r.reward for r in rollouts) / n,
             "rollout/response_length": sum(len(r.response_ids) for r in rollouts) / n,
             "rollout/truncated": sum(r.finish_reason == FinishReason.LENGTH for r in rollouts) / n}

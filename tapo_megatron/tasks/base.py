@@ -60,8 +60,8 @@ register_task = TASKS.register
 
 
 def build_task(data: DataConfig, model: ModelConfig, seed: int) -> Task:
-    """The task named by ``data.task``, built from the data and model sections."""
-    return TASKS.get(data.task)(data, model, seed)
+    """The task named by ``data.task``, built from the data and model sections (``data.problem_seed`` when set)."""
+    return TASKS.get(data.task)(data, model, data.problem_seed if data.problem_seed >= 0 else seed)
 
 
 def task_reward(data: DataConfig, default: str) -> RewardFn:
