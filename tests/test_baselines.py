@@ -98,3 +98,30 @@ def test_tapo_variants_through_train(tmp_path, overrides, key):
     if "tapo.constructor=policy_located" in overrides:
         assert all(0 <= r["tapo/acceptance_rate"] <= 1 and r["tapo/parse_rate"] > 0 for r in rows)
         assert all(-1 <= r["branch/grad_cosine"] <= 1 and r["branch/grad_norm_constructed"] > 0 for r in rows)
+
+
+def test_cold_start_sft_fine_tunes_the_pretrained_weights(tmp_path):
+    """``tapo sft`` with ``checkpoint.pretrained_checkpoint`` starts from those weights (the base model), not from a
+    random init: with lr 0 the saved SFT checkpoint equals the pretrained one."""
+    from tapo_megatron.sft import run_sft
+    from tapo_megatron.training.weight_sync import gather_hf_state
+
+    base = train(loop_config(tmp_path / "base", 1, [f"checkpoint.save={tmp_path}/base_ckpt"]))
+    want = {k: v.clone() for k, v in gather_hf_state(base.actor).items()}
+    cfg = loop_config(tmp_path / "sft", 1, [f"checkpoint.pretrained_checkpoint={tmp_path}/base_ckpt",
+                                            f"checkpoint.save={tmp_path}/sft_ckpt", "sft.train_iters=1",
+                                            "sft.global_batch_size=4", "sft.optimizer.lr=0",
+                                            "sft.optimizer.lr_warmup_iters=0"])
+    got = gather_hf_state(run_sft(cfg))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_math_teacher_prompt_shows_the_reference_solution():
+    from tapo_megatron.records import Query
+    from tapo_megatron.tasks.math import render_teacher_prompt
+
+    q = Query("q1", "What is {x} if x = 2?", "4")
+    text = render_teacher_prompt(q, "Double it: {reference_solution} is literal, $\\boxed{4}$.")
+    assert text.startswith("What is {x} if x = 2?\n\nA reference solution")
+    assert "Double it: {reference_solution} is literal, $\\boxed{4}$." in text and text.endswith("\\boxed{}.\n")
+    assert "The final answer is $\\boxed{4}$." in render_teacher_prompt(q, None)
