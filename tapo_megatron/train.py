@@ -9,7 +9,11 @@ Where this implementation departs from the paper (TAPO_SPEC), and why:
 - **One optimizer step per rollout batch.** The importance ratio is 1 at the step (old log-probs are the actor's own
   forward before the update); the clip only matters once PPO mini-epochs exist.
 - **Each branch of the loss is a token mean over its own tokens** (``L_GRPO / N_orig + lambda * L_ref / N_cons``),
-  so lambda = 0 is exactly GRPO; the paper does not say how the branches are normalised.
+  so lambda = 0 is exactly GRPO; the paper does not say how the branches are normalised. ``tapo.branch_normalization
+  =joint`` divides both by ``N_orig + lambda * N_cons`` instead (still exactly GRPO at lambda = 0), and
+  ``tapo.branch_grad_interval`` logs both branches' gradient norms and their cosine.
+- **Baselines** are algorithm choices of the same loop: ``algorithm.policy_loss=sft_constructed`` (SFT on the
+  constructed trajectories) and ``algorithm.distillation=opsd`` (on-policy self-distillation, training/distill.py).
 - **All-equal constructed groups** (DAE's open case) get ``tapo.constructed_zero_variance`` (default ``fixed``: +-1
   by correctness), and their share is logged; the paper leaves this open.
 - **Original groups with one reward value are dropped** (``algorithm.drop_zero_variance_groups``): their advantage
