@@ -125,3 +125,16 @@ def test_math_teacher_prompt_shows_the_reference_solution():
     assert text.startswith("What is {x} if x = 2?\n\nA reference solution")
     assert "Double it: {reference_solution} is literal, $\\boxed{4}$." in text and text.endswith("\\boxed{}.\n")
     assert "The final answer is $\\boxed{4}$." in render_teacher_prompt(q, None)
+
+
+def test_every_demo_arm_is_a_valid_config(tmp_path):
+    from tapo_megatron.commands.demo import ARMS, arm_config
+
+    base = loop_config(tmp_path, 1, ["data.reward=exact", "data.problem_seed=-1"])
+    for arm in ARMS:
+        cfg = arm_config(base, arm, seed=7, cold_ckpt=tmp_path / "ckpt", out=tmp_path)
+        assert (cfg.seed, cfg.data.problem_seed) == (7, base.seed)  # the stream varies, the problems do not
+        assert cfg.checkpoint.pretrained_checkpoint == str(tmp_path / "ckpt")
+        assert cfg.tapo.enabled == (arm not in ("grpo", "opsd"))
+    assert arm_config(base, "tapo", 7, tmp_path, tmp_path).tapo.constructor == "policy_located"
+    assert arm_config(base, "tapo_oracle", 7, tmp_path, tmp_path).tapo.constructor == "step_verifier"

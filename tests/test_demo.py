@@ -51,6 +51,8 @@ def test_demo_experiment_smoke_and_bit_identical_reruns(tmp_path):
         assert len(comparison["arms"]["tapo"][metric]["diff"]["per_seed"]) == 2
         assert len(comparison["arms"]["grpo"][metric]["ci95"]) == 2
     assert set(metrics) == {"grpo_seed1", "grpo_seed2", "tapo_seed1", "tapo_seed2"}
+    cold = str(tmp_path / "a" / "cold_start_ckpt")
+    assert {(r["start_checkpoint"], r["problem_seed"]) for r in summary["runs"]} == {(cold, 1234)}  # one cold start
     assert all(len(rows) == 2 for rows in metrics.values())
     assert all("loss" in r for rows in metrics.values() for r in rows)  # every arm trained at every step
     assert any("tapo/parse_rate" in r for r in metrics["tapo_seed1"])  # the policy constructor ran

@@ -14,8 +14,9 @@ code path runs Qwen3-8B on H100s. Steps:
 
 Arms: ``grpo``; ``tapo`` (the policy writes the correction after the faulty step its step checker located:
 ``tapo.constructor=policy_located``); ``tapo_oracle`` (the ablation in which the program writes it:
-``step_verifier``); ``sft`` (SFT on the constructed trajectories, no RL term); ``opsd`` (on-policy self-distillation,
-the teacher being the same model shown the gold solution).
+``step_verifier``); ``tapo_joint`` (joint normalisation at lambda = 1) and ``tapo_prefix`` (the spliced wrong prefix
+trained too); ``sft`` (SFT on the constructed trajectories, no RL term); ``opsd`` (on-policy self-distillation, the
+teacher being the same model shown the gold solution).
 """
 from __future__ import annotations
 
@@ -48,8 +49,14 @@ ARMS: dict[str, list[str]] = {
     "grpo": ["tapo.enabled=false", "algorithm.advantage_estimator=grpo"],
     "tapo": ["tapo.enabled=true", "tapo.constructor=policy_located", "algorithm.advantage_estimator=dae"],
     "tapo_oracle": ["tapo.enabled=true", "tapo.constructor=step_verifier", "algorithm.advantage_estimator=dae"],
+    # ablations of the TAPO arm: one token mean over both branches at lambda = 1; the spliced prefix trained too
+    "tapo_joint": ["tapo.enabled=true", "tapo.constructor=policy_located", "algorithm.advantage_estimator=dae",
+                   "tapo.branch_normalization=joint", "tapo.constructed_coef=1.0"],
+    "tapo_prefix": ["tapo.enabled=true", "tapo.constructor=policy_located", "algorithm.advantage_estimator=dae",
+                    "tapo.train_constructed_prefix=true"],
+    # "fixed": all-correct constructed groups keep a positive advantage, so SFT trains on every correct construction
     "sft": ["tapo.enabled=true", "tapo.constructor=policy_located", "algorithm.advantage_estimator=dae",
-            "algorithm.policy_loss=sft_constructed"],
+            "algorithm.policy_loss=sft_constructed", "tapo.constructed_zero_variance=fixed"],
     "opsd": ["tapo.enabled=false", "algorithm.distillation=opsd", "algorithm.drop_zero_variance_groups=false"],
 }
 EVAL_KEYS = ["greedy_accuracy", "pass@1", "first_attempt", "dsr", "err"]
@@ -130,7 +137,8 @@ def evaluate_checkpoint(cfg, ckpt: Path, path: Path) -> dict:
 def arm_config(cfg: TrainConfig, arm: str, seed: int, cold_ckpt: Path, out: Path) -> TrainConfig:
     arm_cfg = apply_overrides(copy.deepcopy(cfg), ARMS[arm])
     arm_cfg.data.problem_seed = cfg.seed if cfg.data.problem_seed < 0 else cfg.data.problem_seed  # the cold start's
-    arm_cfg.seed = seed  # the query stream, sampling and pairing draws    arm_cfg.checkpoint.pretrained_checkpoint = str(cold_ckpt)
+    arm_cfg.seed = seed  # the query stream, sampling and pairing draws
+    arm_cfg.checkpoint.pretrained_checkpoint = str(cold_ckpt)
     arm_cfg.checkpoint.save = ""
     arm_cfg.logging.output_dir = str(out / f"{arm}_seed{seed}")
     arm_cfg.logging.run_name = f"demo-{arm}-seed{seed}"
@@ -147,7 +155,8 @@ def run_arm(cfg_dict: dict, arm: str, seed: int, cold_ckpt: str, out: str) -> di
     result = train(cfg)
     run_dir = Path(cfg.logging.output_dir)
     summary = _eval(result.engine, cfg, result.task, run_dir / "eval_samples.jsonl")
-    summary.update(arm=arm, seed=seed, steps=cfg.train_iters, seconds=time.perf_counter() - t0)
+    summary.update(arm=arm, seed=seed, steps=cfg.train_iters, seconds=time.perf_counter() - t0,
+                   start_checkpoint=cfg.checkpoint.pretrained_checkpoint, problem_seed=cfg.data.problem_seed)
     (run_dir / "eval.json").write_text(json.dumps(summary, indent=1))
     return summary
 
