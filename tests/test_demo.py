@@ -56,6 +56,8 @@ def test_demo_experiment_smoke_and_bit_identical_reruns(tmp_path):
     assert all(len(rows) == 2 for rows in metrics.values())
     assert all("loss" in r for rows in metrics.values() for r in rows)  # every arm trained at every step
     assert any("tapo/parse_rate" in r for r in metrics["tapo_seed1"])  # the policy constructor ran
+    tapo_runs = [r for r in summary["runs"] if r["arm"] == "tapo"]
+    assert all(0 <= r["mean/tapo/parse_rate"] <= 1 and -1 <= r["mean/branch/grad_cosine"] <= 1 for r in tapo_runs)
     for png in ("table.png", "eval.png", "training_curves.png"):
         assert (tmp_path / "a" / png).stat().st_size > 0
     # paired design: both arms drew the same queries at each step (the same seed's stream)

@@ -615,6 +615,8 @@ def test_located_policy_constructor_prompts_the_policy_after_the_located_step():
     assert cut[0].failure == "too_long"
     with pytest.raises(ConfigError, match="policy_located.*step verifier"):
         build_constructor(tapo, engine=engine, tokenizer=ARITH)
+    with pytest.raises(ConfigError, match="correction_prefix"):  # an older step verifier that only writes corrections
+        build_constructor(tapo, engine=engine, tokenizer=ARITH, step_verifier=object())
 
 
 def test_builder_with_located_policy_constructor_scores_the_policys_corrections():

@@ -63,6 +63,8 @@ EVAL_KEYS = ["greedy_accuracy", "pass@1", "first_attempt", "dsr", "err"]
 CURVE_KEYS = ["rollout/accuracy", "loss", "entropy", "grad_norm", "rollout/response_length", "approx_kl",
               "ots_weight_mean", "tapo/parse_rate", "tapo/acceptance_rate", "tapo/constructed_accuracy",
               "branch/grad_norm_ratio", "branch/grad_cosine"]
+RUN_MEANS = ["tapo/parse_rate", "tapo/acceptance_rate", "tapo/constructed_accuracy", "tapo/frac_zero_adv_constructed",
+             "ots_weight_mean", "branch/grad_norm_ratio", "branch/grad_cosine", "grad_norm", "opsd/reverse_kl"]
 SFT_THREADS = 2  # fixed: a different thread count changes float reductions, so results would differ across machines
 
 
@@ -157,6 +159,10 @@ def run_arm(cfg_dict: dict, arm: str, seed: int, cold_ckpt: str, out: str) -> di
     summary = _eval(result.engine, cfg, result.task, run_dir / "eval_samples.jsonl")
     summary.update(arm=arm, seed=seed, steps=cfg.train_iters, seconds=time.perf_counter() - t0,
                    start_checkpoint=cfg.checkpoint.pretrained_checkpoint, problem_seed=cfg.data.problem_seed)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    for key in RUN_MEANS:  # how the run's constructions and branches behaved, averaged over the steps that logged them
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+        summary[f"mean/{key}"] = sum(values) / len(values) if values else math.nan
     (run_dir / "eval.json").write_text(json.dumps(summary, indent=1))
     return summary
 

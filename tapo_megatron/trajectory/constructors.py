@@ -348,7 +348,10 @@ class LocatedPolicyConstructor(Constructor):
     def __init__(self, engine: RolloutEngine, tokenizer: Tokenizer, step_verifier: StepVerifierTask,
                  sampling: SamplingParams | None = None, max_chars: int = DEFAULT_MAX_CHARS) -> None:
         self.engine, self.tokenizer, self.step_verifier = engine, tokenizer, step_verifier
-        self.marker = step_verifier.correction_marker
+        self.marker = getattr(step_verifier, "correction_marker", "")
+        if not self.marker or not callable(getattr(step_verifier, "correction_prefix", None)):
+            raise ConfigError(f"tapo.constructor='policy_located': the task's step verifier {step_verifier!r} has no "
+                              "correction_prefix() / correction_marker (see StepVerifierTask)")
         tokenizer.encode(self.marker)  # a marker the vocabulary cannot express fails here, not mid-training
         sampling = sampling or SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=256)
         if tokenizer.eos_id not in sampling.stop_token_ids:
