@@ -2,9 +2,9 @@
 
     metrics = branch_gradient_stats(actor, batch, algo, tapo)     # every tapo.branch_grad_interval steps
 
-Two extra forward/backward passes over the step's batch: one with lambda = 0 (the GRPO branch alone, exact), one
-with the originals masked out (lambda * the constructed branch alone), both with the step's own denominators, so the
-two gradients sum to the step's gradient. Megatron's gradient finalisation is switched off for these passes: each
+Two extra forward/backward passes over the step's batch with the step's own loss and denominators: one with the
+constructed rows masked out (the GRPO branch alone), one with the originals masked out (lambda * the constructed
+branch alone), so the two gradients sum to the step's gradient (before clipping). Megatron's gradient finalisation is switched off for these passes: each
 rank's local gradient is summed over data-parallel ranks here, and norms and dot products skip tensor-parallel
 duplicates and are summed over the model-parallel ranks. Costs one gradient-sized copy of memory while it runs.
 Returns ``algorithms.branches.gradient_comparison``'s metrics (before clipping).
