@@ -1,9 +1,10 @@
 """The ``tapo`` command: one entry point, one module per subcommand (``commands/<name>.py``: ``add_parser`` + ``run``).
 
-    tapo demo [--seeds 1234 1235] [--grpo-steps N]     the embedded CPU demo (cold start, GRPO, TAPO)
+    tapo demo [--seeds 1 2 3] [--arms grpo tapo]      the CPU experiment: cold start, paired-seed RL arms, CIs
     tapo train --config R.yaml [a.b=v ...]            RL (GRPO, or TAPO with tapo.enabled=true)
     tapo sft --config R.yaml [a.b=v ...]              cold-start SFT on the Megatron actor
     tapo coldstart build --config R.yaml [a.b=v ...]  cold-start set: rollouts, ZPD filter, construction, splicing
+    tapo coldstart filter --config R.yaml [a.b=v ...] the RL queries the cold-start model solves 1..K-1 of K times
     tapo eval --model M --out D [--benchmarks aime24 aime25 hmmt25] [--n 16]   Pass@k, DSR, ERR per benchmark
     tapo eval --compare D1 D2 ... --out D             evaluated runs side by side
     tapo convert hf-to-mcore --hf-dir D --out C --tp T --pp P
