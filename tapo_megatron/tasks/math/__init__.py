@@ -42,8 +42,11 @@ def make_task(data: DataConfig, model: ModelConfig, seed: int) -> Task:
         raise ConfigError("data.train_file is required by the math task (a JSONL path or a shipped set: "
                           "deepscaler, math)")
     tokenizer = load_tokenizer(model.tokenizer)
+    # Gold answers the verifier cannot parse are bad rows (reported with count and first): every response to one
+    # would score 0 without a word.
     train = [q for f in [data.train_file, *data.train_files]
-             for q in load_queries(resolve_dataset(f), on_error=data.on_bad_row, tokenizer=tokenizer).queries]
-    evals = dict(load_eval_set(f, tokenizer, data.on_bad_row) for f in data.eval_files)
+             for q in load_queries(resolve_dataset(f), on_error=data.on_bad_row, tokenizer=tokenizer,
+                                   answer_check=gold_answer_problem).queries]
+    evals = dict(load_eval_set(f, tokenizer, data.on_bad_row, check_answers=True) for f in data.eval_files)
     return Task(name="math", tokenizer=tokenizer, reward=task_reward(data, "math"), reflection=ReflectionDetector(),
                 train=train, evals={name: qf.queries for name, qf in evals.items()})
