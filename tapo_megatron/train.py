@@ -61,8 +61,8 @@ class TrainResult:
     task: Task
     ctx: ParallelContext
     final_checkpoint: object | None = None  # Path of the last iter_<N>, when checkpoint.save is set
-    preempted: bool = False  # stopped early by SIGTERM/SIGUSR1/SIGINT after saving (runguard.PREEMPTED_EXIT_CODE)
     last_metrics: dict = field(default_factory=dict)
+    preempted: bool = False  # stopped early by SIGTERM/SIGUSR1/SIGINT after saving (runguard.PREEMPTED_EXIT_CODE)
 
 
 def start_actor(cfg: TrainConfig, shape, ctx) -> tuple[MegatronActor, ReferencePolicy | None, dict | None]:

@@ -124,6 +124,8 @@ class MathVerifier(VerificationPool):
     Args:
         num_workers: worker processes (default ``min(4, os.cpu_count())``); ~600-1000 verifications/s each.
         timeout_s: wall-clock limit per verification; a worker past it is killed and replaced, the item scores 0.0.
+        batch_timeout_s: wall-clock limit of one ``score_batch`` (a training step's rewards); default
+            ``2 * timeout_s``: a step of hanging responses costs at most that, not one timeout per item.
         worker_fn: the per-item function, ``verify_math_answer`` by default; injectable (module-level, picklable)
             so tests can make a worker hang.
         start_method: see ``VerificationPool``.
@@ -139,6 +141,7 @@ class MathVerifier(VerificationPool):
         *,
         worker_fn: WorkerFn = verify_math_answer,
         start_method: str = "forkserver",
+        batch_timeout_s: float | None = None,
     ) -> None:
         super().__init__(
             worker_fn,
@@ -147,6 +150,7 @@ class MathVerifier(VerificationPool):
             start_method=start_method,
             initializer=_init_worker,
             preload=(__name__,),  # replacements fork from a server that has sympy and math_verify imported
+            batch_timeout_s=batch_timeout_s or 2 * timeout_s,
         )
 
 
