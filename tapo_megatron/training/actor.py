@@ -12,6 +12,7 @@ follow records.py: entry t refers to token t; position 0 has no log-prob (0).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -44,6 +45,25 @@ class NonFiniteLossError(TapoError, RuntimeError):
 
 class NonFiniteWeightsError(CheckpointError):
     """The weights hold NaN/inf: they are neither saved nor pushed to an engine."""
+
+
+class _ErrorLog(logging.Handler):
+    """Collects ERROR records of a logger while active (``with``): the first one is the real cause of a failure
+    that the library reports to its caller only as a wrapped type name."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.ERROR)
+        self.logger, self.first = logging.getLogger(name), ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.first = self.first or record.getMessage()
+
+    def __enter__(self):
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -286,18 +306,22 @@ class MegatronActor:
         if self._last_save == final and (final / MANIFEST_FILE).is_file():
             return final
         self._check_weights_finite(final)
+        from torch.distributed.checkpoint.api import CheckpointException
+
         tmp = final.with_name(final.name + ".tmp")
+        errors = _ErrorLog("megatron.core.dist_checkpointing")  # Megatron's writer logs the OS error, then wraps it
         try:
-            self._write_checkpoint(tmp, state)
+            with errors:
+                self._write_checkpoint(tmp, state)
             digests = self._digest_files(tmp)
             if self.ctx.is_main:
                 write_manifest(tmp, digests)
                 publish_checkpoint(tmp, final, self.iteration, keep_last)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, CheckpointException) as e:
             if self.ctx.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"saving checkpoint {tmp} failed: {_root_cause(e)}; the partial save was removed, "
-                                  f"the previous checkpoints in {save_dir} are untouched") from e
+            raise CheckpointError(f"saving checkpoint {tmp} failed: {errors.first or _root_cause(e)}; the partial "
+                                  f"save was removed, the previous checkpoints in {save_dir} are untouched") from None
         dist.barrier()
         self._last_save = final
         return final
