@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, LoadPlan
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -57,6 +58,7 @@ from tapo_megatron.convert.qwen3 import (
     full_to_hf,
     hf_layer_prefix,
 )
+from tapo_megatron.convert.checkpoints import MANIFEST_FILE, checkpoint_problem, error_summary
 from tapo_megatron.errors import OutputExistsError
 from tapo_megatron.models.qwen3 import Qwen3Shape, check_parallel
 from tapo_megatron.parallel import check_layout
@@ -266,8 +268,11 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
     model_dir = ckpt / MODEL_SUBDIR
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir} not found: not a Megatron checkpoint written by hf_to_mcore or the actor")
+    if (ckpt / MANIFEST_FILE).is_file() and (problem := checkpoint_problem(ckpt)):  # an actor checkpoint
+        raise ConversionError(f"checkpoint {ckpt} is not usable: {problem}")
     tmp = _start_atomic(out, overwrite)
     if _rank() == 0:  # no collectives below: under torchrun the other ranks only wait
+        bar = None
         try:
             metadata = dcp.FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata
             dtype = _check_ckpt_metadata(shape, metadata, model_dir)
@@ -302,11 +307,13 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
             assets = Path(tokenizer_dir) if tokenizer_dir is not None else ckpt / ASSETS_SUBDIR
             if assets.is_dir():
                 copy_hf_assets(assets, tmp)
-        except Exception as e:
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            if bar is not None:
+                bar.close()
             shutil.rmtree(tmp, ignore_errors=True)  # no stale half-written export left behind
             if isinstance(e, ConversionError):
                 raise
-            raise ConversionError(f"reading Megatron checkpoint {model_dir} failed ({type(e).__name__}: {e}); "
+            raise ConversionError(f"reading Megatron checkpoint {model_dir} failed ({error_summary(e)}); "
                                   f"nothing was written to {out}") from e
     _finish_atomic(tmp, out)
     if _rank() == 0:

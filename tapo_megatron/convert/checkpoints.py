@@ -36,6 +36,23 @@ _HASH_CHUNK = 8 << 20
 Verifier = Callable[[Path, Sequence[tuple[str, dict]]], list[str]]
 
 
+def error_summary(exc: BaseException) -> str:
+    """One line for a failure deep in a checkpoint library: the innermost cause's message, looking inside
+    torch DCP's ``CheckpointException`` (whose text is a traceback per rank)."""
+    seen = exc
+    while True:
+        failures = getattr(seen, "failures", None)
+        if isinstance(failures, dict) and failures:  # {rank: (exception, traceback)}
+            inner = next(iter(failures.values()))
+            seen = inner[0] if isinstance(inner, tuple) else inner
+        elif seen.__cause__ is not None or seen.__context__ is not None:
+            seen = seen.__cause__ or seen.__context__
+        else:
+            break
+    text = str(seen).strip().splitlines()
+    return f"{type(seen).__name__}: {text[0]}" if text else type(seen).__name__
+
+
 def iter_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 

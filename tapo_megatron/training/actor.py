@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from tapo_megatron.config import OptimizerConfig, ParallelConfig
-from tapo_megatron.convert.checkpoints import (MANIFEST_FILE, STATE_FILE, checkpoint_files, file_digest, fsync_path,
-                                               iter_name, publish_checkpoint, resolve_checkpoint, verify_entries,
+from tapo_megatron.convert.checkpoints import (MANIFEST_FILE, STATE_FILE, checkpoint_files, error_summary,
+                                               file_digest, fsync_path, iter_name, publish_checkpoint, resolve_checkpoint, verify_entries,
                                                write_manifest)
 from tapo_megatron.errors import CheckpointError, TapoError
 from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3
@@ -64,14 +64,6 @@ class _ErrorLog(logging.Handler):
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self)
-
-
-def _root_cause(exc: BaseException) -> str:
-    """The innermost cause's message ("[Errno 28] No space left on device: '/path'"), not the wrapper's."""
-    seen = exc
-    while seen.__cause__ is not None or seen.__context__ is not None:
-        seen = seen.__cause__ or seen.__context__
-    return str(seen) or type(seen).__name__
 
 
 @dataclass
@@ -320,7 +312,7 @@ class MegatronActor:
         except (OSError, RuntimeError, CheckpointException) as e:
             if self.ctx.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"saving checkpoint {tmp} failed: {errors.first or _root_cause(e)}; the partial "
+            raise CheckpointError(f"saving checkpoint {tmp} failed: {errors.first or error_summary(e)}; the partial "
                                   f"save was removed, the previous checkpoints in {save_dir} are untouched") from None
         dist.barrier()
         self._last_save = final
@@ -399,6 +391,7 @@ class MegatronActor:
         """
         from megatron.core import dist_checkpointing
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
+        from torch.distributed.checkpoint.api import CheckpointException
 
         report = print if self.ctx.is_main else (lambda msg: None)
         ckpt = resolve_checkpoint(load_dir, self._verify_entries, report)
@@ -418,8 +411,9 @@ class MegatronActor:
                 _patch_torch_adam_reshardable_load()
                 self.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(ckpt / "optim")))
                 self._unshare_adam_step()
-        except (OSError, RuntimeError, EOFError, AssertionError, KeyError, ValueError, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"checkpoint {ckpt} could not be loaded ({type(e).__name__}: {_root_cause(e)}); "
+        except (OSError, RuntimeError, EOFError, AssertionError, KeyError, ValueError, pickle.UnpicklingError,
+                CheckpointException) as e:
+            raise CheckpointError(f"checkpoint {ckpt} could not be loaded ({error_summary(e)}); "
                                   f"it has no manifest to check it by: pass checkpoint.load=<an older iter_* "
                                   f"directory> to resume from another") from e
         # DistributedOptimizer keeps fp32 main params; make the model params agree with them.
