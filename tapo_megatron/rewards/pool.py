@@ -267,7 +267,7 @@ class VerificationPool:
     ) -> list[float]:
         """Feed ``pending`` items to ready workers until all are answered, timed out, crashed or abandoned at the
         batch deadline."""
-        batch_deadline = time.monotonic() + self.batch_timeout_s if self.batch_timeout_s else math.inf
+        batch_deadline = math.inf  # starts with the first item sent: worker start-up is not the batch's time
         while True:
             if time.monotonic() >= batch_deadline:
                 self._abandon(pending)
@@ -275,6 +275,8 @@ class VerificationPool:
             for worker in self._workers:
                 if worker.ready and worker.item is None and pending:
                     self._dispatch(worker, pending, responses, golds)
+                    if self.batch_timeout_s and batch_deadline == math.inf:
+                        batch_deadline = time.monotonic() + self.batch_timeout_s
             busy = [w for w in self._workers if w.item is not None]
             starting = [w for w in self._workers if not w.ready]
             if not busy and not pending:
