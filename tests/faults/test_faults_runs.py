@@ -126,3 +126,24 @@ def test_second_run_in_the_same_directory_is_refused(workers, tmp_path, straight
     assert rc == 2 and "is in use by another run (pid 1 on host" in err, log
     assert not (out / "ckpt").exists() or not checkpoint_dirs(out / "ckpt")  # refused before any work
     assert json.loads((out / "logs" / LOCK_FILE).read_text()) == holder  # the holder's lock is untouched
+
+
+def test_sigterm_in_the_rl_loop_saves_the_step_and_resumes(workers, tmp_path):
+    """``tapo train`` with no interval saves: SIGTERM during step 1 still leaves a checkpoint of step 1."""
+    from tapo_megatron.recipes import RECIPES_DIR
+
+    out = tmp_path / "rl"
+    args = ["train", "--config", RECIPES_DIR / "demo.yaml", "train_iters=2", "rollout.rollout_batch_size=4",
+            "rollout.n_samples_per_prompt=4", "rollout.max_new_tokens=12", "data.num_train_problems=50",
+            "data.num_eval_problems=4", "data.reward=_loop_worker:parity_reward", "logging.wandb_mode=disabled",
+            "logging.progress_bar=false", f"logging.output_dir={out}/logs", f"checkpoint.save={out}/ckpt",
+            "checkpoint.save_interval=0", f"checkpoint.export_hf={out}/hf"]
+    proc = workers.run(WORKER, "term_step:1", *args, check=False)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "SIGTERM received: finishing this step" in proc.stdout
+    assert pointer(out) == "1" and not (out / "hf").exists()  # saved; no export of an unfinished run
+    proc = workers.run(WORKER, "none", *args, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "at step 1" in proc.stdout
+    assert [r["step"] for r in read_metrics(out / "logs" / "metrics.jsonl")] == [1, 2]
+    assert pointer(out) == "2" and (out / "hf" / "config.json").is_file()
