@@ -150,7 +150,7 @@ class RunGuard:
             t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             flag = bool(t.item())
-            self.stop_signal = self.stop_signal or ("SIGTERM" if flag else "")  # a peer's signal
+            self.stop_signal = self.stop_signal or ("a signal to another rank" if flag else "")
         return flag
 
     @property

@@ -142,7 +142,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             break
     final_ckpt = actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()},
                                        cfg.checkpoint.keep_last) if cfg.checkpoint.save else None
-    if final_ckpt is not None and cfg.checkpoint.export_hf and not guard.preempted:  # the final checkpoint as an HF directory for serving
+    # The final checkpoint as an HF directory for serving; a preempted run is not final.
+    if final_ckpt is not None and cfg.checkpoint.export_hf and not guard.preempted:
         export_hf(final_ckpt, cfg.checkpoint.export_hf, cfg.checkpoint.export_tokenizer or cfg.model.tokenizer)
     weight_sync.disconnect()
     if logger:

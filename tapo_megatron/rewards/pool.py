@@ -60,8 +60,12 @@ class _Worker:
 def _worker_main(conn: multiprocessing.connection.Connection, payload: bytes, parent_sys_path: list[str]) -> None:
     """Worker loop: send ``None`` once ready, then receive ``(item, response, gold)`` and send back
     ``(item, score, ok)``; a ``None`` message stops it."""
-    # Ctrl-C goes to the whole process group; the parent decides when workers die.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C goes to the whole process group, and Slurm's SIGTERM / SIGUSR1 to every process of the job: the parent
+    # decides when workers die (it finishes the step's rewards before stopping), so a preemption signal cannot
+    # turn the last step's rewards into crashes scored 0.0. A worker still dies with its parent (PDEATHSIG).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
     # worker_fn travels pickled by reference; unpickle it with the parent's sys.path, since a forkserver started
     # earlier by someone else may not have it (e.g. a plug-in or test module found through a path added later).
     sys.path[:] = parent_sys_path + [p for p in sys.path if p not in parent_sys_path]
@@ -104,6 +108,16 @@ def _main_module_hidden():
             main.__dict__.update(saved)
             if "__spec__" not in saved:
                 main.__dict__.pop("__spec__", None)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent exits (the forkserver, which exits with the trainer)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def _stop_workers(workers: list[_Worker]) -> None:

@@ -15,10 +15,10 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-import pickle
 from typing import Callable
 
 import torch
@@ -26,8 +26,8 @@ import torch.distributed as dist
 
 from tapo_megatron.config import OptimizerConfig, ParallelConfig
 from tapo_megatron.convert.checkpoints import (MANIFEST_FILE, STATE_FILE, checkpoint_files, error_summary,
-                                               file_digest, fsync_path, iter_name, publish_checkpoint, resolve_checkpoint, verify_entries,
-                                               write_manifest)
+                                               file_digest, fsync_path, iter_name, publish_checkpoint,
+                                               resolve_checkpoint, verify_entries, write_manifest)
 from tapo_megatron.errors import CheckpointError, TapoError
 from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3
 from tapo_megatron.parallel import ParallelContext, broadcast_object
@@ -44,7 +44,7 @@ class NonFiniteLossError(TapoError, RuntimeError):
 
 
 class NonFiniteWeightsError(CheckpointError):
-    """The weights hold NaN/inf: they are neither saved nor pushed to an engine."""
+    """The weights hold NaN/inf: they are not saved (the gradient check keeps steps from producing them)."""
 
 
 class _ErrorLog(logging.Handler):

@@ -87,7 +87,8 @@ def test_a_step_of_hanging_responses_is_bounded_by_the_step_deadline():
 
 def test_math_reward_from_a_script_without_a_main_guard(tmp_path, workers):
     script = tmp_path / "score.py"
-    script.write_text('from tapo_megatron.rewards import math_reward\nprint("reward", math_reward("\\\\boxed{4}", "4"))\n')
+    script.write_text("from tapo_megatron.rewards import math_reward\n"
+                      'print("reward", math_reward("\\\\boxed{4}", "4"))\n')
     proc = workers.run(script, cwd=tmp_path)
     assert proc.stdout.count("reward 1.0") == 1, proc.stdout + proc.stderr
     piped = subprocess.run([sys.executable, "-"], input=script.read_text(), capture_output=True, text=True,
@@ -117,3 +118,17 @@ def test_log_torn_by_a_kill_continues_without_duplicates(tmp_path):
         m.log(1, {"loss": 5.0})
     assert [r["loss"] for r in read_metrics(tmp_path / "metrics.1.jsonl")] == [1.0, 0.8]
     assert [r["loss"] for r in read_metrics(log)] == [5.0]
+
+
+def test_reward_workers_outlive_a_preemption_signal():
+    """Slurm signals every process of the job: the step being finished must still get real rewards."""
+    import signal
+
+    with MathVerifier(num_workers=2, timeout_s=10.0) as pool:
+        assert pool.score_batch(["\\boxed{1}"] * 2, ["1"] * 2) == [1.0, 1.0]
+        for worker in pool._workers:
+            os.kill(worker.process.pid, signal.SIGTERM)
+            os.kill(worker.process.pid, signal.SIGUSR1)
+        time.sleep(0.5)
+        assert pool.score_batch(["\\boxed{2}", "\\boxed{3}", "\\boxed{5}"], ["2", "3", "4"]) == [1.0, 1.0, 0.0]
+        assert pool.stats.num_crashes == 0 and pool.stats.num_restarts == 0
