@@ -158,15 +158,17 @@ class MathVerifier(VerificationPool):
 
 _default: MathVerifier | None = None
 _default_pid: int | None = None
-_default_settings: dict = {"num_workers": None, "timeout_s": 5.0}
+_default_settings: dict = {"num_workers": None, "timeout_s": 5.0, "batch_timeout_s": None}
 _default_lock = threading.Lock()
 
 
-def configure_default_verifier(num_workers: int | None = None, timeout_s: float = 5.0) -> None:
-    """Set the pool size and deadline of the verifier behind ``math_reward`` (restarts it if running)."""
+def configure_default_verifier(num_workers: int | None = None, timeout_s: float = 5.0,
+                               batch_timeout_s: float | None = None) -> None:
+    """Set the pool size, per-item deadline and batch (step) deadline (None: 2 x timeout_s) of the verifier behind
+    ``math_reward`` (restarts it if running)."""
     global _default
     with _default_lock:
-        _default_settings.update(num_workers=num_workers, timeout_s=timeout_s)
+        _default_settings.update(num_workers=num_workers, timeout_s=timeout_s, batch_timeout_s=batch_timeout_s)
         if _default is not None:
             _default.close()
             _default = None

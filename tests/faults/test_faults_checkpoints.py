@@ -169,3 +169,13 @@ def test_convert_into_an_existing_directory_and_from_a_truncated_shard(saved, tm
     err = error_lines(capsys)
     assert len(err) == 1 and f"reading Megatron checkpoint {broken / 'model'} failed" in err[0]
     assert not (tmp_path / "hf2").exists() and not (tmp_path / "hf2.tmp").exists()
+
+
+def test_saving_the_iteration_just_saved_rewrites_nothing(tmp_path):
+    actor = new_actor()
+    actor.train_step({"tokens": TOKENS}, mean_loss)
+    first = actor.save_checkpoint(tmp_path / "save")
+    stamp = (first / "manifest.json").stat().st_mtime_ns, (first / "model" / ".metadata").stat().st_ino
+    assert actor.save_checkpoint(tmp_path / "save") == first  # the loop's final save right after an interval save
+    assert ((first / "manifest.json").stat().st_mtime_ns, (first / "model" / ".metadata").stat().st_ino) == stamp
+    assert sorted(p.name for p in (tmp_path / "save").iterdir()) == ["iter_0000001", LATEST_FILE]

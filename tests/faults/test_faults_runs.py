@@ -147,3 +147,30 @@ def test_sigterm_in_the_rl_loop_saves_the_step_and_resumes(workers, tmp_path):
     assert "resumed from" in proc.stdout and "at step 1" in proc.stdout
     assert [r["step"] for r in read_metrics(out / "logs" / "metrics.jsonl")] == [1, 2]
     assert pointer(out) == "2" and (out / "hf" / "config.json").is_file()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1.4 MB tmpfs (room for two of the tiny model's checkpoints), where the machine lets the test mount
+    one (root, CAP_SYS_ADMIN); elsewhere the injected ENOSPC of the crash chain stands in."""
+    import os
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_real_disk_full_keeps_the_previous_checkpoints(workers, tmp_path, small_disk):
+    out = tmp_path / "full"
+    recipe(out)
+    rc, log = sft(workers, out, "none", f"checkpoint.save={small_disk}/ckpt")
+    err = log.strip().splitlines()[-1]
+    assert rc == 2 and "No space left on device" in err and "iter_0000003.tmp" in err, log
+    assert [p.name for p in checkpoint_dirs(small_disk / "ckpt")] == ["iter_0000002", "iter_0000001"]
+    assert (small_disk / "ckpt" / LATEST_FILE).read_text() == "2"
+    assert not list((small_disk / "ckpt").glob("*.tmp"))  # the partial save does not keep the disk full
