@@ -133,6 +133,8 @@ def test_resume_after_fallback_loads_the_older_weights(saved, save_dir):
 def test_nan_gradient_leaves_weights_and_checkpoints_finite(tmp_path):
     actor = new_actor()
     before = {k: v.clone() for k, v in actor.module.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(NonFiniteLossError, match="non-finite loss nan at iteration 0"):
+        actor.train_step({"tokens": TOKENS}, lambda lp, mb: (lp.sum() * float("nan"), {}))
     with pytest.raises(NonFiniteLossError, match="non-finite gradient at iteration 0 .finite loss."):
         actor.train_step({"tokens": TOKENS}, nan_grad_loss)
     assert actor.iteration == 0

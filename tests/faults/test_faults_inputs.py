@@ -61,11 +61,11 @@ def test_unparseable_gold_answers_and_long_prompts_are_dropped_and_reported(tmp_
             {"id": "long", "problem": "Add these numbers: " + " + ".join(["1"] * 400), "answer": "400"},
             {"id": "ok2", "problem": "What is 3+3?", "answer": "6"}]
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"id": "torn", "problem": "What\n')
     task = build_task(DataConfig(task="math", train_file=str(data), eval_files=[str(data)]),
                       ModelConfig(tokenizer=str(qwen3_tokenizer_dir())), seed=0)
     assert [q.id for q in task.train] == ["ok", "long", "ok2"]
-    assert any(f"{data}: skipped 1 bad row(s) of 4; first: {data}:2: gold answer '$': the math verifier cannot "
+    assert any(f"{data}: skipped 2 bad row(s) of 5; first: {data}:2: gold answer '$': the math verifier cannot "
                "parse it" in r.getMessage() for r in caplog.records), caplog.text
     task = fit_prompts(task, max_prompt_tokens=200)
     assert [q.id for q in task.train] == ["ok", "ok2"] and [q.id for q in task.evals["train"]] == ["ok", "ok2"]
@@ -132,3 +132,23 @@ def test_reward_workers_outlive_a_preemption_signal():
         time.sleep(0.5)
         assert pool.score_batch(["\\boxed{2}", "\\boxed{3}", "\\boxed{5}"], ["2", "3", "4"]) == [1.0, 1.0, 0.0]
         assert pool.stats.num_crashes == 0 and pool.stats.num_restarts == 0
+
+
+def test_stop_signals_finish_the_step_and_a_second_ctrl_c_stops_at_once(capsys):
+    import signal
+
+    from tapo_megatron.runguard import RunGuard
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        guard = RunGuard([])
+        guard._install()
+        try:
+            os.kill(os.getpid(), sig)
+            assert guard.stop_requested() and guard.stop_signal == sig.name
+            assert f"{sig.name} received: finishing this step" in capsys.readouterr().out
+            if sig == signal.SIGINT:
+                with pytest.raises(KeyboardInterrupt):
+                    os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            guard.close()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored after the run
