@@ -144,12 +144,9 @@ class RunGuard:
         """Whether a stop signal arrived on any rank (collective under torch.distributed: call on every rank)."""
         flag = bool(self.stop_signal)
         if ctx is not None and ctx.world_size > 1:
-            import torch
-            import torch.distributed as dist
+            from tapo_megatron.parallel import any_rank
 
-            t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
+            flag = any_rank(flag, ctx)
             self.stop_signal = self.stop_signal or ("a signal to another rank" if flag else "")
         return flag
 

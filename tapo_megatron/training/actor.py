@@ -30,7 +30,7 @@ from tapo_megatron.convert.checkpoints import (MANIFEST_FILE, STATE_FILE, checkp
                                                resolve_checkpoint, verify_entries, write_manifest)
 from tapo_megatron.errors import CheckpointError, TapoError
 from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3
-from tapo_megatron.parallel import ParallelContext, broadcast_object
+from tapo_megatron.parallel import ParallelContext, any_rank, broadcast_object
 from tapo_megatron.training.logprobs import vocab_parallel_logprobs_and_entropy
 
 
@@ -238,7 +238,7 @@ class MegatronActor:
             self.optimizer.zero_grad()
             raise NonFiniteLossError(f"non-finite loss {metrics.get('loss')} at iteration {self.iteration}; "
                                      "the step was skipped and the weights are unchanged")
-        if self._any_rank(not self._local_grads_finite()):  # before the update: Adam would write NaN weights
+        if any_rank(not self._local_grads_finite(), self.ctx):  # before the update: Adam would write NaN weights
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             raise NonFiniteLossError(f"non-finite gradient at iteration {self.iteration} (finite loss); the step "
@@ -369,17 +369,9 @@ class MegatronActor:
 
     def _check_weights_finite(self, where: Path) -> None:
         bad = [name for name, p in self.module.named_parameters() if not torch.isfinite(p).all()]
-        if self._any_rank(bool(bad)):
+        if any_rank(bool(bad), self.ctx):
             raise NonFiniteWeightsError(f"refusing to save {where}: non-finite weights"
                                         + (f" in {bad[0]} ({len(bad)} tensors)" if bad else " on another rank"))
-
-    def _any_rank(self, flag: bool) -> bool:
-        """True on every rank when ``flag`` is True on any rank (ranks must agree on skipping a step)."""
-        if self.ctx.world_size == 1:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.ctx.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
 
     def load_checkpoint(self, load_dir: str | Path, load_optimizer: bool = True) -> dict:
         """Load the newest intact checkpoint under ``load_dir`` (or ``load_dir`` itself if it is an ``iter_`` dir).
