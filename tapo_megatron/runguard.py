@@ -40,6 +40,8 @@ class RunLockedError(TapoError):
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # no pid recorded (os.kill(-1, 0) would ask about every process)
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,8 +79,9 @@ class DirLock:
                         f"{holder.get('host')}, since {holder.get('started', '?')}); wait for it to end, or use "
                         f"another logging.output_dir / checkpoint.save (if that run is dead on another host, remove "
                         f"{self.path})") from None
-                print(f"[run] taking over the stale lock {self.path} of pid {holder.get('pid')} (no longer "
-                      "running)", flush=True)
+                if holder.get("pid") != me["pid"]:  # else: this process's own, from an earlier run that raised
+                    print(f"[run] taking over the stale lock {self.path} of pid {holder.get('pid')} (no longer "
+                          "running)", flush=True)
                 self.path.unlink(missing_ok=True)
                 continue
             with os.fdopen(fd, "w") as f:

@@ -152,3 +152,11 @@ def test_stop_signals_finish_the_step_and_a_second_ctrl_c_stops_at_once(capsys):
         finally:
             guard.close()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored after the run
+
+
+def test_half_written_lock_is_taken_over(tmp_path):
+    (tmp_path / LOCK_FILE).write_text('{"pid": ')  # its writer was killed between create and write
+    lock = DirLock(tmp_path)
+    lock.acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    lock.release()
