@@ -181,3 +181,11 @@ def test_saving_the_iteration_just_saved_rewrites_nothing(tmp_path):
     assert actor.save_checkpoint(tmp_path / "save") == first  # the loop's final save right after an interval save
     assert ((first / "manifest.json").stat().st_mtime_ns, (first / "model" / ".metadata").stat().st_ino) == stamp
     assert sorted(p.name for p in (tmp_path / "save").iterdir()) == ["iter_0000001", LATEST_FILE]
+
+
+def test_checkpoint_without_manifest_and_metadata_fails_naming_it(save_dir):
+    ckpt = save_dir / "iter_0000002"
+    (ckpt / "manifest.json").unlink()  # as written before manifests existed
+    (ckpt / "model" / ".metadata").unlink()
+    with pytest.raises(CheckpointError, match=f"checkpoint {ckpt} could not be loaded .*checkpoint.load="):
+        new_actor().load_checkpoint(save_dir)
