@@ -2,8 +2,10 @@
 
     TapoError
       ConfigError       a missing, unknown or contradictory config field (names it)
+        UnknownNameError  a plug-in name no registry knows (also a KeyError)
       DataError         a bad data file or row (names the path, and the line where there is one)
       CheckpointError   a missing, wrong or corrupted checkpoint (names the path)
+      OutputExistsError an output directory that exists (also a FileExistsError); pass --overwrite
 
 Anything else is a bug (ours or a dependency's) and keeps its traceback. Each class also derives from the built-in
 exception that callers caught before this family existed (ValueError / FileNotFoundError), so ``except ValueError``
@@ -18,6 +20,17 @@ class TapoError(Exception):
 
 class ConfigError(TapoError, ValueError):
     """A missing, unknown or contradictory config field; the message names it."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A name that no registry holds; the message lists the registered names."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class OutputExistsError(TapoError, FileExistsError):
+    """The output directory exists and ``overwrite`` (``--overwrite``) was not given."""
 
 
 class DataError(TapoError, ValueError):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Generic, TypeVar
 
+from tapo_megatron.errors import UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -41,7 +43,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         """The entry registered as ``name``, or imported from ``"pkg.module:attr"``.
 
-        Raises KeyError (listing the registered names) for an unknown name, ImportError / AttributeError for a bad
+        Raises UnknownNameError, a KeyError (listing the registered names) for an unknown name, ImportError / AttributeError for a bad
         import path, and whatever the registry's check raises for an entry of the wrong kind.
         """
         if ":" in name:
@@ -49,7 +51,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())} "
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())} "
                            "(or give an import path 'pkg.module:attr')") from None
 
     def names(self) -> list[str]:

@@ -28,6 +28,7 @@ from tapo_megatron.data.tokenizer import load_tokenizer
 from tapo_megatron.logging.tracker import MetricsLogger
 from tapo_megatron.models.qwen3 import shape_from_config
 from tapo_megatron.parallel import setup_parallel
+from tapo_megatron.runguard import RunGuard
 from tapo_megatron.tasks import build_task
 from tapo_megatron.training.actor import MegatronActor
 
@@ -109,6 +110,9 @@ def collate_sft(pairs, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
+    """SFT per ``cfg``; resumes from ``checkpoint.save`` when it holds a checkpoint. Stopped by SIGTERM, SIGUSR1 or
+    SIGINT it saves and returns early with ``actor.preempted`` set (the CLI then exits PREEMPTED_EXIT_CODE)."""
+    guard = RunGuard.start(cfg)  # directory lock, stale .tmp removed, stop signals -> save and stop
     shape = shape_from_config(cfg.model)
     ctx = setup_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                          cfg.seed, **shape.layout_dims())
@@ -123,7 +127,8 @@ def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
     random.Random(cfg.seed).shuffle(pairs)
     logger = MetricsLogger(cfg.logging.output_dir, run_name=cfg.logging.run_name or "sft", config=to_dict(cfg),
                            wandb_mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
-                           resume=actor.iteration > 0) if ctx.is_main else None
+                           resume=actor.iteration > 0, resume_step=actor.iteration if actor.iteration > 0 else None
+                           ) if ctx.is_main else None
     gbs = cfg.sft.global_batch_size
     buckets = length_buckets(pairs, gbs, cfg.seed) if cfg.sft.length_bucketing else None
     bar = tqdm(range(actor.iteration, cfg.sft.train_iters), desc="sft",
@@ -144,9 +149,13 @@ def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
         if on_step is not None and on_step(step + 1, actor):  # the callback may stop training early
             break
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0:
-            actor.save_checkpoint(cfg.checkpoint.save, state)
+            actor.save_checkpoint(cfg.checkpoint.save, state, cfg.checkpoint.keep_last)
+        if guard.stop_requested(ctx):
+            break
     if cfg.checkpoint.save:
-        actor.save_checkpoint(cfg.checkpoint.save, state)
+        actor.save_checkpoint(cfg.checkpoint.save, state, cfg.checkpoint.keep_last)
     if logger:
         logger.close()
+    guard.close()
+    actor.preempted = guard.preempted
     return actor

@@ -41,8 +41,9 @@ from tapo_megatron.models.qwen3 import shape_from_config
 from tapo_megatron.parallel import ParallelContext, broadcast_object, setup_parallel
 from tapo_megatron.rewards import score_rollouts
 from tapo_megatron.rollout.build import build_engine
+from tapo_megatron.runguard import RunGuard
 from tapo_megatron.rollout.sampling import rollout_metrics, rollout_sampling, sample_groups
-from tapo_megatron.tasks import Task, build_task
+from tapo_megatron.tasks import Task, build_task, fit_prompts
 from tapo_megatron.training.actor import MegatronActor
 from tapo_megatron.training.batch import collate
 from tapo_megatron.training.distill import attach_teacher_prompts
@@ -66,6 +67,7 @@ class TrainResult:
     ctx: ParallelContext
     final_checkpoint: object | None = None  # Path of the last iter_<N>, when checkpoint.save is set
     last_metrics: dict = field(default_factory=dict)
+    preempted: bool = False  # stopped early by SIGTERM/SIGUSR1/SIGINT after saving (runguard.PREEMPTED_EXIT_CODE)
 
 
 def start_actor(cfg: TrainConfig, shape, ctx) -> tuple[MegatronActor, ReferencePolicy | None, dict | None]:
@@ -79,15 +81,19 @@ def start_actor(cfg: TrainConfig, shape, ctx) -> tuple[MegatronActor, ReferenceP
         actor.load_model_weights(ck.pretrained_checkpoint)
     reference = ReferencePolicy.snapshot(actor) if cfg.algorithm.kl_coef > 0 else None
     state = actor.load_checkpoint(resume_from) if resume_from else None
+    if state is not None and ctx.is_main:
+        print(f"[train] resumed from {resume_from} at step {actor.iteration}", flush=True)
     return actor, reference, state
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
+    guard = RunGuard.start(cfg)  # directory lock, stale .tmp removed, SIGTERM/SIGUSR1/SIGINT -> save and stop
     shape = shape_from_config(cfg.model)
     ctx = setup_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                          cfg.seed, **shape.layout_dims())
     task = build_task(cfg.data, cfg.model, cfg.seed)
+    task = fit_prompts(task, shape.max_position_embeddings - cfg.rollout.max_new_tokens)  # over-long ones dropped
     stream = QueryStream(task.train, cfg.seed)
     actor, reference, resumed = start_actor(cfg, shape, ctx)
     if resumed is not None:
@@ -103,7 +109,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         builder = TrajectoryBuilder(cfg.tapo, cfg.algorithm, task.tokenizer, task.reward, constructor, seed=cfg.seed)
     logger = MetricsLogger(cfg.logging.output_dir, run_name=cfg.logging.run_name or "rl", config=to_dict(cfg),
                            wandb_mode=cfg.logging.wandb_mode, project=cfg.logging.wandb_project,
-                           resume=resumed is not None) if ctx.is_main else None
+                           resume=resumed is not None, resume_step=actor.iteration if resumed is not None else None
+                           ) if ctx.is_main else None
     bar = tqdm(range(actor.iteration, cfg.train_iters), desc="rl",
                disable=not (ctx.is_main and cfg.logging.progress_bar))
     skipped, metrics = 0, {}
@@ -136,12 +143,17 @@ def train(cfg: TrainConfig) -> TrainResult:
             logger.log(step + 1, metrics)
             bar.set_postfix(acc=f"{metrics.get('rollout/accuracy', 0):.2f}", loss=f"{metrics.get('loss', 0):.3f}")
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0:
-            actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()})
-    final_ckpt = actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()}) if cfg.checkpoint.save else None
-    if final_ckpt is not None and cfg.checkpoint.export_hf:  # the final checkpoint as an HF directory for serving
+            actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()}, cfg.checkpoint.keep_last)
+        if guard.stop_requested(ctx):
+            break
+    final_ckpt = actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()},
+                                       cfg.checkpoint.keep_last) if cfg.checkpoint.save else None
+    # The final checkpoint as an HF directory for serving; a preempted run is not final.
+    if final_ckpt is not None and cfg.checkpoint.export_hf and not guard.preempted:
         export_hf(final_ckpt, cfg.checkpoint.export_hf, cfg.checkpoint.export_tokenizer or cfg.model.tokenizer)
     weight_sync.disconnect()
     if logger:
         logger.upload_curves(CURVE_KEYS, cfg.logging.run_name)
         logger.close()
-    return TrainResult(actor, engine, task, ctx, final_ckpt, metrics)
+    guard.close()
+    return TrainResult(actor, engine, task, ctx, final_ckpt, metrics, preempted=guard.preempted)

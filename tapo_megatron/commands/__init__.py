@@ -16,7 +16,8 @@
     tapo launch {local,slurm,docker} --recipe R ...   NeMo-Run experiment (launch/README.md)
 
 Errors of the project's own family (``errors.TapoError``: configuration, data, checkpoint) print one line and exit
-with status 2; anything else is a bug and keeps its traceback.
+with status 2; anything else is a bug and keeps its traceback. ``train`` and ``sft`` stopped by SIGTERM, SIGUSR1 or
+SIGINT save a checkpoint and exit 75 (``runguard.PREEMPTED_EXIT_CODE``): run the same command again to resume.
 """
 from __future__ import annotations
 

@@ -9,9 +9,11 @@ def add_parser(sub):
     h2m.add_argument("--out", required=True)
     h2m.add_argument("--tp", type=int, default=1)
     h2m.add_argument("--pp", type=int, default=1)
+    h2m.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     m2h = directions.add_parser("mcore-to-hf")
     m2h.add_argument("--ckpt", required=True)
     m2h.add_argument("--out", required=True)
+    m2h.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return conv
 
 
@@ -19,6 +21,6 @@ def run(args) -> None:
     from tapo_megatron.convert.api import hf_to_mcore, mcore_to_hf
 
     if args.direction == "hf-to-mcore":
-        hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp)
+        hf_to_mcore(args.hf_dir, args.out, tp=args.tp, pp=args.pp, overwrite=args.overwrite)
     else:
-        mcore_to_hf(args.ckpt, args.out)
+        mcore_to_hf(args.ckpt, args.out, overwrite=args.overwrite)

@@ -6,7 +6,8 @@ def add_parser(sub):
     return add_config_args(sub.add_parser("sft", help="cold-start SFT"))
 
 
-def run(args) -> None:
+def run(args) -> int:
+    from tapo_megatron.runguard import PREEMPTED_EXIT_CODE
     from tapo_megatron.sft import run_sft
 
-    run_sft(load(args))
+    return PREEMPTED_EXIT_CODE if run_sft(load(args)).preempted else 0

@@ -6,7 +6,8 @@ def add_parser(sub):
     return add_config_args(sub.add_parser("train", help="RL training (GRPO / TAPO)"))
 
 
-def run(args) -> None:
+def run(args) -> int:
+    from tapo_megatron.runguard import PREEMPTED_EXIT_CODE
     from tapo_megatron.train import train
 
-    train(load(args))
+    return PREEMPTED_EXIT_CODE if train(load(args)).preempted else 0

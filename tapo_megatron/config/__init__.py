@@ -190,6 +190,7 @@ class CheckpointConfig:
     pretrained_checkpoint: str = ""  # weights-only start (e.g. the cold-start SFT checkpoint); fresh optimizer
     export_hf: str = ""  # directory: at the end of train(), the final checkpoint is exported here as an HF model
     export_tokenizer: str = ""  # tokenizer/generation-config folder copied into export_hf; empty: model.tokenizer
+    keep_last: int = 0  # keep only the newest N iter_* checkpoints (older ones removed after each save); 0: keep all
 
 
 @dataclass
@@ -286,6 +287,7 @@ class TrainConfig:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         if self.checkpoint.export_hf and not self.checkpoint.save:
             raise ConfigError("checkpoint.export_hf needs checkpoint.save: the export is made from the final checkpoint")
+        self._check_ranges()
         self._check_plugins()
         if self.launch.engine_placement not in ("colocated", "separate"):
             raise ConfigError(f"launch.engine_placement={self.launch.engine_placement!r}: expected colocated or separate")
@@ -296,6 +298,27 @@ class TrainConfig:
         if not 0.0 < self.launch.engine_mem_fraction < 1.0:
             raise ConfigError(f"launch.engine_mem_fraction={self.launch.engine_mem_fraction}: expected in (0, 1)")
         return self
+
+    # (field, lowest allowed value): counts and intervals refused before any model is built.
+    _MIN_VALUES = (("train_iters", 1), ("eval_interval", 0), ("rollout.rollout_batch_size", 1),
+                   ("rollout.max_new_tokens", 1), ("rollout.num_engines", 1), ("rollout.engine_max_retries", 0),
+                   ("checkpoint.save_interval", 0), ("checkpoint.keep_last", 0), ("sft.global_batch_size", 1),
+                   ("sft.train_iters", 1), ("optimizer.lr", 0), ("optimizer.clip_grad", 0),
+                   ("optimizer.lr_warmup_iters", 0), ("optimizer.lr_decay_iters", 0), ("data.eval_samples", 0),
+                   ("tapo.n_pos", 0), ("tapo.n_neg", 0), ("tapo.m_max", 0))
+
+    def _check_ranges(self) -> None:
+        for path, low in self._MIN_VALUES:
+            section, _, name = path.rpartition(".")
+            value = getattr(getattr(self, section) if section else self, name)
+            if value < low:
+                raise ConfigError(f"{path}={value} must be >= {low}")
+        if not self.rollout.temperature > 0:
+            raise ConfigError(f"rollout.temperature={self.rollout.temperature} must be > 0")
+        if not 0 < self.rollout.top_p <= 1:
+            raise ConfigError(f"rollout.top_p={self.rollout.top_p}: expected in (0, 1]")
+        if self.checkpoint.keep_last and not self.checkpoint.save:
+            raise ConfigError("checkpoint.keep_last needs checkpoint.save")
 
     def _check_plugins(self) -> None:
         """Every registry name resolves now, not after the model and engine are built (imports are local: the

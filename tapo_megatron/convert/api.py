@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner, LoadPlan
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
@@ -57,6 +58,8 @@ from tapo_megatron.convert.qwen3 import (
     full_to_hf,
     hf_layer_prefix,
 )
+from tapo_megatron.convert.checkpoints import MANIFEST_FILE, checkpoint_problem, error_summary
+from tapo_megatron.errors import OutputExistsError
 from tapo_megatron.models.qwen3 import Qwen3Shape, check_parallel
 from tapo_megatron.parallel import check_layout
 
@@ -84,7 +87,7 @@ def _progress(total: int | None, desc: str):
 
 def _refuse_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        raise OutputExistsError(f"{out} exists; pass --overwrite (overwrite=True) to replace it")
 
 
 def _start_atomic(out: Path, overwrite: bool) -> Path:
@@ -265,41 +268,53 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
     model_dir = ckpt / MODEL_SUBDIR
     if not model_dir.is_dir():
         raise ConversionError(f"{model_dir} not found: not a Megatron checkpoint written by hf_to_mcore or the actor")
+    if (ckpt / MANIFEST_FILE).is_file() and (problem := checkpoint_problem(ckpt)):  # an actor checkpoint
+        raise ConversionError(f"checkpoint {ckpt} is not usable: {problem}")
     tmp = _start_atomic(out, overwrite)
     if _rank() == 0:  # no collectives below: under torchrun the other ranks only wait
-        metadata = dcp.FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata
-        dtype = _check_ckpt_metadata(shape, metadata, model_dir)
-        writer = HFShardWriter(tmp, max_shard_bytes)
-        L = shape.num_hidden_layers
-        globals_last = [FINAL_NORM] + ([] if shape.tie_word_embeddings else [OUTPUT])
-        bar = _progress(L + 1 + len(globals_last), "mcore->hf")
+        bar = None
+        try:
+            metadata = dcp.FileSystemReader(str(model_dir)).read_metadata().state_dict_metadata
+            dtype = _check_ckpt_metadata(shape, metadata, model_dir)
+            writer = HFShardWriter(tmp, max_shard_bytes)
+            L = shape.num_hidden_layers
+            globals_last = [FINAL_NORM] + ([] if shape.tie_word_embeddings else [OUTPUT])
+            bar = _progress(L + 1 + len(globals_last), "mcore->hf")
 
-        def emit(slot, full: torch.Tensor, hf_prefix: str) -> None:
-            for name, tensor in zip(slot.hf, full_to_hf(slot, full, shape)):
-                writer.add(hf_prefix + name, tensor)
+            def emit(slot, full: torch.Tensor, hf_prefix: str) -> None:
+                for name, tensor in zip(slot.hf, full_to_hf(slot, full, shape)):
+                    writer.add(hf_prefix + name, tensor)
 
-        # One read per global tensor and per layer: the peak is one layer (or the embedding), not the model.
-        for slot in [EMBEDDING]:
-            emit(slot, _read_slices(model_dir, metadata, {slot.ckpt_key: None})[slot.ckpt_key], "")
-            bar.update(1)
-        for layer in range(L):
-            loaded = _read_slices(model_dir, metadata, {s.ckpt_key: layer for s in LAYER_SLOTS})
-            for slot in LAYER_SLOTS:
-                emit(slot, loaded[slot.ckpt_key], hf_layer_prefix(layer))
-            del loaded
-            bar.update(1)
-        for slot in globals_last:
-            emit(slot, _read_slices(model_dir, metadata, {slot.ckpt_key: None})[slot.ckpt_key], "")
-            bar.update(1)
-        bar.close()
-        writer.close()
-        hf_config = json.loads((ckpt / HF_CONFIG_FILE).read_text())
-        config = {**hf_config, **shape.to_hf()}
-        config["torch_dtype"] = config["dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        assets = Path(tokenizer_dir) if tokenizer_dir is not None else ckpt / ASSETS_SUBDIR
-        if assets.is_dir():
-            copy_hf_assets(assets, tmp)
+            # One read per global tensor and per layer: the peak is one layer (or the embedding), not the model.
+            for slot in [EMBEDDING]:
+                emit(slot, _read_slices(model_dir, metadata, {slot.ckpt_key: None})[slot.ckpt_key], "")
+                bar.update(1)
+            for layer in range(L):
+                loaded = _read_slices(model_dir, metadata, {s.ckpt_key: layer for s in LAYER_SLOTS})
+                for slot in LAYER_SLOTS:
+                    emit(slot, loaded[slot.ckpt_key], hf_layer_prefix(layer))
+                del loaded
+                bar.update(1)
+            for slot in globals_last:
+                emit(slot, _read_slices(model_dir, metadata, {slot.ckpt_key: None})[slot.ckpt_key], "")
+                bar.update(1)
+            bar.close()
+            writer.close()
+            hf_config = json.loads((ckpt / HF_CONFIG_FILE).read_text())
+            config = {**hf_config, **shape.to_hf()}
+            config["torch_dtype"] = config["dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            assets = Path(tokenizer_dir) if tokenizer_dir is not None else ckpt / ASSETS_SUBDIR
+            if assets.is_dir():
+                copy_hf_assets(assets, tmp)
+        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            if bar is not None:
+                bar.close()
+            shutil.rmtree(tmp, ignore_errors=True)  # no stale half-written export left behind
+            if isinstance(e, ConversionError):
+                raise
+            raise ConversionError(f"reading Megatron checkpoint {model_dir} failed ({error_summary(e)}); "
+                                  f"nothing was written to {out}") from e
     _finish_atomic(tmp, out)
     if _rank() == 0:
         print(f"mcore_to_hf: {ckpt} -> {out} in {time.perf_counter() - t0:.1f} s")

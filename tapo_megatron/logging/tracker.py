@@ -1,4 +1,9 @@
-"""Per-step metrics to JSONL (always) and wandb (offline by default; online when WANDB_API_KEY is set)."""
+"""Per-step metrics to JSONL (always) and wandb (offline by default; online when WANDB_API_KEY is set).
+
+``metrics.jsonl`` survives restarts: a resumed run (``resume_step=N``) keeps the rows up to step N and appends, so
+rows of steps after the checkpoint (logged, then lost with a kill) are not doubled; a fresh start in a directory
+that already has a log moves it aside to ``metrics.<k>.jsonl`` instead of truncating it.
+"""
 from __future__ import annotations
 
 import json
@@ -35,11 +40,12 @@ class MetricsLogger:
     """Writes ``<output_dir>/metrics.jsonl`` and mirrors every record to wandb; use as a context manager."""
 
     def __init__(self, output_dir: str | Path, *, run_name: str, config: dict, wandb_mode: str = "auto",
-                 project: str = "tapo-megatron", resume: bool = False):
+                 project: str = "tapo-megatron", resume: bool = False, resume_step: int | None = None):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"
-        self._file = open(self.path, "a" if resume else "w")
+        _continue_log(self.path, resume_step)
+        self._file = open(self.path, "a")
         self._wandb = None
         mode = resolve_wandb_mode(wandb_mode)
         if mode != "disabled":
@@ -85,6 +91,37 @@ class MetricsLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _continue_log(path: Path, resume_step: int | None) -> None:
+    """Prepare ``path`` for appending: rows up to ``resume_step`` kept (a torn last line dropped), or, on a fresh
+    start (None), an existing log moved aside."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    if resume_step is None:
+        k = 1
+        while (aside := path.with_name(f"metrics.{k}.jsonl")).exists():
+            k += 1
+        os.replace(path, aside)
+        print(f"[log] {path} existed and this run starts fresh: moved it to {aside}", flush=True)
+        return
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line torn by a kill mid-write
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= resume_step:
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+        print(f"[log] resuming at step {resume_step}: dropped {dropped} row(s) of {path} past the checkpoint (they "
+              "are logged again)", flush=True)
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -165,6 +165,15 @@ def broadcast_object(obj, ctx: ParallelContext):
     return box[0]
 
 
+def any_rank(flag: bool, ctx: ParallelContext) -> bool:
+    """True on every rank when ``flag`` is True on any rank (collective; ranks agreeing to skip or stop a step)."""
+    if ctx.world_size == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def destroy_parallel() -> None:
     from megatron.core import parallel_state as ps
 

@@ -124,6 +124,8 @@ class MathVerifier(VerificationPool):
     Args:
         num_workers: worker processes (default ``min(4, os.cpu_count())``); ~600-1000 verifications/s each.
         timeout_s: wall-clock limit per verification; a worker past it is killed and replaced, the item scores 0.0.
+        batch_timeout_s: wall-clock limit of one ``score_batch`` (a training step's rewards); default
+            ``2 * timeout_s``: a step of hanging responses costs at most that, not one timeout per item.
         worker_fn: the per-item function, ``verify_math_answer`` by default; injectable (module-level, picklable)
             so tests can make a worker hang.
         start_method: see ``VerificationPool``.
@@ -139,6 +141,7 @@ class MathVerifier(VerificationPool):
         *,
         worker_fn: WorkerFn = verify_math_answer,
         start_method: str = "forkserver",
+        batch_timeout_s: float | None = None,
     ) -> None:
         super().__init__(
             worker_fn,
@@ -147,6 +150,7 @@ class MathVerifier(VerificationPool):
             start_method=start_method,
             initializer=_init_worker,
             preload=(__name__,),  # replacements fork from a server that has sympy and math_verify imported
+            batch_timeout_s=batch_timeout_s or 2 * timeout_s,
         )
 
 
@@ -154,15 +158,17 @@ class MathVerifier(VerificationPool):
 
 _default: MathVerifier | None = None
 _default_pid: int | None = None
-_default_settings: dict = {"num_workers": None, "timeout_s": 5.0}
+_default_settings: dict = {"num_workers": None, "timeout_s": 5.0, "batch_timeout_s": None}
 _default_lock = threading.Lock()
 
 
-def configure_default_verifier(num_workers: int | None = None, timeout_s: float = 5.0) -> None:
-    """Set the pool size and deadline of the verifier behind ``math_reward`` (restarts it if running)."""
+def configure_default_verifier(num_workers: int | None = None, timeout_s: float = 5.0,
+                               batch_timeout_s: float | None = None) -> None:
+    """Set the pool size, per-item deadline and batch (step) deadline (None: 2 x timeout_s) of the verifier behind
+    ``math_reward`` (restarts it if running)."""
     global _default
     with _default_lock:
-        _default_settings.update(num_workers=num_workers, timeout_s=timeout_s)
+        _default_settings.update(num_workers=num_workers, timeout_s=timeout_s, batch_timeout_s=batch_timeout_s)
         if _default is not None:
             _default.close()
             _default = None

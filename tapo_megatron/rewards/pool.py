@@ -26,6 +26,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -43,6 +44,7 @@ class PoolStats:
     num_crashes: int = 0  # items whose worker died without answering (scored 0.0)
     num_errors: int = 0  # items where worker_fn raised or returned a non-finite value (scored 0.0)
     num_restarts: int = 0  # workers started to replace killed or dead ones
+    num_abandoned: int = 0  # items left unscored (0.0) when a batch reached its deadline (batch_timeout_s)
 
 
 @dataclass
@@ -58,8 +60,12 @@ class _Worker:
 def _worker_main(conn: multiprocessing.connection.Connection, payload: bytes, parent_sys_path: list[str]) -> None:
     """Worker loop: send ``None`` once ready, then receive ``(item, response, gold)`` and send back
     ``(item, score, ok)``; a ``None`` message stops it."""
-    # Ctrl-C goes to the whole process group; the parent decides when workers die.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C goes to the whole process group, and Slurm's SIGTERM / SIGUSR1 to every process of the job: the parent
+    # decides when workers die (it finishes the step's rewards before stopping), so a preemption signal cannot
+    # turn the last step's rewards into crashes scored 0.0. A worker still dies with its parent (PDEATHSIG).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
     # worker_fn travels pickled by reference; unpickle it with the parent's sys.path, since a forkserver started
     # earlier by someone else may not have it (e.g. a plug-in or test module found through a path added later).
     sys.path[:] = parent_sys_path + [p for p in sys.path if p not in parent_sys_path]
@@ -82,6 +88,36 @@ def _worker_main(conn: multiprocessing.connection.Connection, payload: bytes, pa
         except Exception:  # bad text must not kill the worker
             score, ok = 0.0, False
         conn.send((item, score if ok else 0.0, ok))
+
+
+@contextmanager
+def _main_module_hidden():
+    """Start a worker without re-running the caller's script: a new process imports ``__main__`` from its
+    ``__spec__`` / ``__file__`` (multiprocessing.spawn.get_preparation_data), which re-runs a script that has no
+    ``if __name__ == "__main__":`` guard (and fails for a script read from stdin). Workers whose functions live in
+    real modules do not need it."""
+    main = sys.modules.get("__main__")
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if main and name in main.__dict__}
+    try:
+        if main is not None:
+            main.__dict__.pop("__file__", None)
+            main.__spec__ = None
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+            if "__spec__" not in saved:
+                main.__dict__.pop("__spec__", None)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent exits (the forkserver, which exits with the trainer)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
 
 
 def _stop_workers(workers: list[_Worker]) -> None:
@@ -114,6 +150,9 @@ class VerificationPool:
         preload: modules the forkserver imports once, so that replacements start warm.
         startup_timeout_s: how long a new worker may take to import its modules before the pool gives up
             (RuntimeError). Item deadlines start only once a worker is ready, so a slow start is never a timeout.
+        batch_timeout_s: wall-clock limit of one ``score_batch`` call (the training step's deadline), None for
+            none. Past it, items still queued or running score 0.0 (``stats.num_abandoned``) and busy workers are
+            replaced, so a batch full of hanging responses costs this long, not ``len / num_workers`` timeouts.
 
     Thread-safe: calls are serialised by a lock. ``close()`` (or leaving the ``with`` block) stops the workers.
     """
@@ -128,6 +167,7 @@ class VerificationPool:
         initializer: Callable[[], None] | None = None,
         preload: Sequence[str] = (),
         startup_timeout_s: float = 120.0,
+        batch_timeout_s: float | None = None,
     ) -> None:
         if num_workers is None:
             num_workers = min(4, os.cpu_count() or 1)
@@ -149,9 +189,13 @@ class VerificationPool:
                 f"{exc}"
             ) from exc
         self.worker_fn = worker_fn
+        self._needs_main = any(getattr(f, "__module__", None) == "__main__" for f in (worker_fn, initializer) if f)
         self.num_workers = num_workers
         self.timeout_s = float(timeout_s)
         self.startup_timeout_s = float(startup_timeout_s)
+        if batch_timeout_s is not None and not batch_timeout_s > 0:
+            raise ValueError(f"batch_timeout_s must be > 0 or None, got {batch_timeout_s}")
+        self.batch_timeout_s = batch_timeout_s
         self.stats = PoolStats()
         self._ctx = multiprocessing.get_context(start_method)
         if start_method == "forkserver" and preload:
@@ -235,16 +279,24 @@ class VerificationPool:
     def _run(
         self, pending: deque[int], responses: Sequence[str], golds: Sequence[str], results: list[float]
     ) -> list[float]:
-        """Feed ``pending`` items to ready workers until all are answered, timed out or crashed."""
+        """Feed ``pending`` items to ready workers until all are answered, timed out, crashed or abandoned at the
+        batch deadline."""
+        batch_deadline = math.inf  # starts with the first item sent: worker start-up is not the batch's time
         while True:
+            if time.monotonic() >= batch_deadline:
+                self._abandon(pending)
+                return results
             for worker in self._workers:
                 if worker.ready and worker.item is None and pending:
                     self._dispatch(worker, pending, responses, golds)
+                    if self.batch_timeout_s and batch_deadline == math.inf:
+                        batch_deadline = time.monotonic() + self.batch_timeout_s
             busy = [w for w in self._workers if w.item is not None]
             starting = [w for w in self._workers if not w.ready]
             if not busy and not pending:
                 return results
             deadlines = [w.deadline for w in busy] + [w.started_at + self.startup_timeout_s for w in starting]
+            deadlines.append(batch_deadline)
             wait_s = max(0.0, min(deadlines) - time.monotonic())
             ready = multiprocessing.connection.wait([w.conn for w in busy + starting], timeout=wait_s)
             for worker in starting:
@@ -267,6 +319,17 @@ class VerificationPool:
                     results[worker.item] = 0.0
                     self._replace(worker)
 
+    def _abandon(self, pending: deque[int]) -> None:
+        """The batch deadline passed: queued and running items keep their 0.0; running workers are replaced."""
+        busy = [w for w in self._workers if w.item is not None]
+        self.stats.num_abandoned += len(pending) + len(busy)
+        logger.warning("verification batch reached its %.1f s deadline: %d item(s) left unscored (0.0)",
+                       self.batch_timeout_s, len(pending) + len(busy))
+        pending.clear()
+        for worker in busy:
+            worker.item = None
+            self._replace(worker)
+
     def _start_worker(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
@@ -276,7 +339,8 @@ class VerificationPool:
             daemon=True,  # never outlive the trainer
         )
         try:
-            process.start()
+            with nullcontext() if self._needs_main else _main_module_hidden():
+                process.start()
         except Exception as exc:
             parent_conn.close()
             method = self._ctx.get_start_method()
@@ -302,7 +366,9 @@ class VerificationPool:
             raise RuntimeError(
                 f"verification worker pid {worker.process.pid} exited during startup (exit code "
                 f"{worker.process.exitcode}); check that worker_fn {self.worker_fn!r} and its module import in a "
-                "fresh process"
+                "fresh process" + ("; worker_fn is defined in the main script: put it in an importable module, or "
+                                   "guard the script's top level with `if __name__ == \"__main__\":`"
+                                   if self._needs_main else "")
             ) from None
         worker.ready = True
 

@@ -64,6 +64,29 @@ def build_task(data: DataConfig, model: ModelConfig, seed: int) -> Task:
     return TASKS.get(data.task)(data, model, data.problem_seed if data.problem_seed >= 0 else seed)
 
 
+def fit_prompts(task: Task, max_prompt_tokens: int) -> Task:
+    """Drop queries whose prompt leaves fewer than the rollout's ``max_new_tokens`` of the model's context
+    (``max_prompt_tokens`` = context - max_new_tokens), saying how many and the first, instead of failing at the step
+    that samples one. Raises DataError when no training query is left."""
+    from tapo_megatron.errors import DataError
+
+    def keep(queries: list[Query], where: str) -> list[Query]:
+        fits = [q for q in queries if len(q.prompt_ids) <= max_prompt_tokens]
+        if len(fits) < len(queries):
+            first = next(q for q in queries if len(q.prompt_ids) > max_prompt_tokens)
+            print(f"[data] {where}: dropped {len(queries) - len(fits)} of {len(queries)} queries whose prompt is "
+                  f"longer than {max_prompt_tokens} tokens (context minus rollout.max_new_tokens); first: "
+                  f"{first.id!r} ({len(first.prompt_ids)} tokens)", flush=True)
+        return fits
+
+    task.train = keep(task.train, f"{task.name} training set")
+    if not task.train:
+        raise DataError(f"{task.name}: no training query fits the prompt budget of {max_prompt_tokens} tokens "
+                        "(raise model max_position_embeddings or lower rollout.max_new_tokens)")
+    task.evals = {name: keep(queries, f"eval set {name}") for name, queries in task.evals.items()}
+    return task
+
+
 def task_reward(data: DataConfig, default: str) -> RewardFn:
     """``data.reward`` when set (a registered name or a ``pkg.module:fn`` plug-in), else the task's own."""
     return get_reward(data.reward or default)

@@ -3,7 +3,7 @@
     actor = MegatronActor(shape, ctx, optim_cfg, parallel_cfg)
     logprobs, entropy = actor.compute_logprobs(tokens)            # [B, T] each, on every rank
     metrics = actor.train_step(batch, loss_fn)                      # one optimizer step on the global batch
-    actor.save_checkpoint(dir, step, state); actor.load_checkpoint(dir)
+    actor.save_checkpoint(dir, state); actor.load_checkpoint(dir)
 
 Every method takes the GLOBAL batch (identical on all ranks) and slices this rank's data-parallel shard itself, so
 a loss normalised by global token counts is exact under any DP size and micro-batching. Token-aligned tensors
@@ -12,21 +12,25 @@ follow records.py: entry t refers to token t; position 0 has no log-prob (0).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from tapo_megatron.errors import TapoError
 
 import torch
 import torch.distributed as dist
 
 from tapo_megatron.config import OptimizerConfig, ParallelConfig
-from tapo_megatron.convert.checkpoints import LATEST_FILE, resolve_checkpoint
+from tapo_megatron.convert.checkpoints import (MANIFEST_FILE, STATE_FILE, checkpoint_files, error_summary,
+                                               file_digest, fsync_path, iter_name, publish_checkpoint,
+                                               resolve_checkpoint, verify_entries, write_manifest)
+from tapo_megatron.errors import CheckpointError, TapoError
 from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3
-from tapo_megatron.parallel import ParallelContext
+from tapo_megatron.parallel import ParallelContext, any_rank, broadcast_object
 from tapo_megatron.training.logprobs import vocab_parallel_logprobs_and_entropy
 
 
@@ -37,6 +41,29 @@ LossFn = Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
 
 class NonFiniteLossError(TapoError, RuntimeError):
     """The loss or gradient norm was NaN/inf; the step was not applied."""
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """The weights hold NaN/inf: they are not saved (the gradient check keeps steps from producing them)."""
+
+
+class _ErrorLog(logging.Handler):
+    """Collects ERROR records of a logger while active (``with``): the first one is the real cause of a failure
+    that the library reports to its caller only as a wrapped type name."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.ERROR)
+        self.logger, self.first = logging.getLogger(name), ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.first = self.first or record.getMessage()
+
+    def __enter__(self):
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
 
 
 @dataclass
@@ -78,6 +105,9 @@ class MegatronActor:
                 use_distributed_optimizer=parallel.use_distributed_optimizer),
             [self.model])
         self.iteration = 0
+        self.preempted = False  # set by run_sft when a stop signal ended the run early
+        self.verify_sha256 = True  # load: check checkpoint files against their manifest's sha256 (else sizes only)
+        self._last_save: Path | None = None
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -208,12 +238,21 @@ class MegatronActor:
             self.optimizer.zero_grad()
             raise NonFiniteLossError(f"non-finite loss {metrics.get('loss')} at iteration {self.iteration}; "
                                      "the step was skipped and the weights are unchanged")
+        if any_rank(not self._local_grads_finite(), self.ctx):  # before the update: Adam would write NaN weights
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            raise NonFiniteLossError(f"non-finite gradient at iteration {self.iteration} (finite loss); the step "
+                                     "was skipped and the weights are unchanged")
         update_successful, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else 0.0
         if not update_successful or not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"non-finite gradient norm at iteration {self.iteration}; step skipped")
         self.iteration += 1
         return StepResult(loss=metrics.pop("loss"), grad_norm=grad_norm, lr=lr, metrics=metrics)
+
+    def _local_grads_finite(self) -> bool:
+        return all(bool(torch.isfinite(b.grad_data).all())
+                   for b in self.model.buffers + self.model.expert_parallel_buffers)
 
     def skip_step(self) -> None:
         """Consume an iteration without an update (nothing carried signal, or the step was non-finite), so the lr
@@ -245,18 +284,44 @@ class MegatronActor:
         return result
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, save_dir: str | Path, state: dict | None = None) -> Path:
-        """Atomically save model, optimizer, RNG and ``state`` (e.g. data position) as ``iter_<N>`` under save_dir.
+    def save_checkpoint(self, save_dir: str | Path, state: dict | None = None, keep_last: int = 0) -> Path:
+        """Save model, optimizer, RNG and ``state`` (e.g. data position) as ``iter_<N>`` under save_dir.
 
-        Written to ``iter_<N>.tmp`` and renamed when complete; the ``latest`` pointer is replaced atomically, so a
-        run killed mid-save resumes from the previous checkpoint.
+        Follows ``convert.checkpoints``' rules: written to ``iter_<N>.tmp``, a manifest (size + sha256 per file)
+        last, then renamed, then the ``latest`` pointer by atomic rename; ``keep_last`` > 0 removes older ones. A
+        run killed mid-save resumes from the previous checkpoint. Saving the iteration this actor saved last is a
+        no-op (the final save right after an interval save). Non-finite weights are refused, and a failed write
+        (disk full) removes its ``.tmp`` and raises CheckpointError naming the path.
         """
+        save_dir = Path(save_dir)
+        final = save_dir / iter_name(self.iteration)
+        if self._last_save == final and (final / MANIFEST_FILE).is_file():
+            return final
+        self._check_weights_finite(final)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        tmp = final.with_name(final.name + ".tmp")
+        errors = _ErrorLog("megatron.core.dist_checkpointing")  # Megatron's writer logs the OS error, then wraps it
+        try:
+            with errors:
+                self._write_checkpoint(tmp, state)
+            digests = self._digest_files(tmp)
+            if self.ctx.is_main:
+                write_manifest(tmp, digests)
+                publish_checkpoint(tmp, final, self.iteration, keep_last)
+        except (OSError, RuntimeError, CheckpointException) as e:
+            if self.ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"saving checkpoint {tmp} failed: {errors.first or error_summary(e)}; the partial "
+                                  f"save was removed, the previous checkpoints in {save_dir} are untouched") from None
+        dist.barrier()
+        self._last_save = final
+        return final
+
+    def _write_checkpoint(self, tmp: Path, state: dict | None) -> None:
         from megatron.core import dist_checkpointing
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-        save_dir = Path(save_dir)
-        final = save_dir / f"iter_{self.iteration:07d}"
-        tmp = save_dir / f"iter_{self.iteration:07d}.tmp"
         if self.ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "model").mkdir(parents=True)
@@ -265,6 +330,8 @@ class MegatronActor:
         dist.barrier()
         model_sd = self.module.sharded_state_dict()
         dist_checkpointing.save(model_sd, str(tmp / "model"))
+        if not any(opt.optimizer.state for opt in self._inner_optimizers()):
+            self._init_optimizer_state()  # no optimizer step yet: save the fresh (zero) Adam state Megatron expects
         optim_sd = self.optimizer.sharded_state_dict(self.module.sharded_state_dict(),
                                                      metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         dist_checkpointing.save(optim_sd, str(tmp / "optim"))
@@ -273,42 +340,74 @@ class MegatronActor:
                    tmp / "rng" / f"rank_{self.ctx.rank}.pt")
         dist.barrier()
         if self.ctx.is_main:
-            (tmp / "state.json").write_text(json.dumps({"iteration": self.iteration, "state": state or {},
-                                                        "world_size": self.ctx.world_size}, indent=1))
+            (tmp / STATE_FILE).write_text(json.dumps({"iteration": self.iteration, "state": state or {},
+                                                      "world_size": self.ctx.world_size}, indent=1))
             (tmp / "hf_config.json").write_text(json.dumps(self.shape.to_hf(), indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            pointer = save_dir / (LATEST_FILE + ".tmp")
-            pointer.write_text(str(self.iteration))
-            os.replace(pointer, save_dir / LATEST_FILE)
         dist.barrier()
-        return final
+
+    def _digest_files(self, ckpt: Path) -> dict[str, dict]:
+        """Size + sha256 of every file of ``ckpt`` (each rank hashes and fsyncs its share), on rank 0."""
+        files = checkpoint_files(ckpt) if self.ctx.is_main else None
+        files = broadcast_object(files, self.ctx)
+        mine = {}
+        for rel in files[self.ctx.rank::self.ctx.world_size]:
+            fsync_path(ckpt / rel)
+            mine[rel] = file_digest(ckpt / rel)
+        return {k: v for part in self._all_gather(mine) for k, v in part.items()}
+
+    def _verify_entries(self, ckpt: Path, entries) -> list[str]:
+        """``convert.checkpoints.Verifier`` split over the ranks; every rank gets every problem."""
+        mine = verify_entries(ckpt, entries[self.ctx.rank::self.ctx.world_size], self.verify_sha256)
+        return [p for part in self._all_gather(mine) for p in part]
+
+    def _all_gather(self, obj) -> list:
+        if self.ctx.world_size == 1:
+            return [obj]
+        parts = [None] * self.ctx.world_size
+        dist.all_gather_object(parts, obj)
+        return parts
+
+    def _check_weights_finite(self, where: Path) -> None:
+        bad = [name for name, p in self.module.named_parameters() if not torch.isfinite(p).all()]
+        if any_rank(bool(bad), self.ctx):
+            raise NonFiniteWeightsError(f"refusing to save {where}: non-finite weights"
+                                        + (f" in {bad[0]} ({len(bad)} tensors)" if bad else " on another rank"))
 
     def load_checkpoint(self, load_dir: str | Path, load_optimizer: bool = True) -> dict:
-        """Load the newest checkpoint under ``load_dir`` (or ``load_dir`` itself if it is an ``iter_`` dir).
+        """Load the newest intact checkpoint under ``load_dir`` (or ``load_dir`` itself if it is an ``iter_`` dir).
 
-        Works at any TP/PP/DP layout for the model; the optimizer is resharded too. Returns the saved ``state``.
-        RNG is restored only when the world size matches (otherwise streams would not line up anyway).
+        Bad checkpoints (manifest mismatch, truncated files, unreadable state) are skipped with a message, the
+        newest good one is used (``convert.checkpoints.resolve_checkpoint``). Works at any TP/PP/DP layout for the
+        model; the optimizer is resharded too. Returns the saved ``state``. RNG is restored only when the world
+        size matches (otherwise streams would not line up anyway).
         """
         from megatron.core import dist_checkpointing
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
+        from torch.distributed.checkpoint.api import CheckpointException
 
-        ckpt = resolve_checkpoint(load_dir)
-        meta = json.loads((ckpt / "state.json").read_text())
+        report = print if self.ctx.is_main else (lambda msg: None)
+        ckpt = resolve_checkpoint(load_dir, self._verify_entries, report)
+        meta = json.loads((ckpt / STATE_FILE).read_text())
         saved_shape = Qwen3Shape.from_file(ckpt / "hf_config.json")
         if saved_shape != self.shape:
-            raise ValueError(f"checkpoint {ckpt} holds a model of shape {saved_shape}, but the actor was built as "
-                             f"{self.shape}")
-        model_sd = self.module.sharded_state_dict()
-        self.module.load_state_dict(dist_checkpointing.load(model_sd, str(ckpt / "model")))
-        if load_optimizer and (ckpt / "optim").is_dir():
-            self._init_optimizer_state()
-            optim_sd = self.optimizer.sharded_state_dict(
-                self.module.sharded_state_dict(), is_loading=True,
-                metadata={"distrib_optim_sharding_type": "fully_reshardable"})
-            _patch_torch_adam_reshardable_load()
-            self.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(ckpt / "optim")))
-            self._unshare_adam_step()
+            raise CheckpointError(f"checkpoint {ckpt} holds a model of shape {saved_shape}, but the actor was built "
+                                  f"as {self.shape}")
+        try:
+            model_sd = self.module.sharded_state_dict()
+            self.module.load_state_dict(dist_checkpointing.load(model_sd, str(ckpt / "model")))
+            if load_optimizer and (ckpt / "optim").is_dir():
+                self._init_optimizer_state()
+                optim_sd = self.optimizer.sharded_state_dict(
+                    self.module.sharded_state_dict(), is_loading=True,
+                    metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+                _patch_torch_adam_reshardable_load()
+                self.optimizer.load_state_dict(dist_checkpointing.load(optim_sd, str(ckpt / "optim")))
+                self._unshare_adam_step()
+        except (OSError, RuntimeError, EOFError, AssertionError, KeyError, ValueError, pickle.UnpicklingError,
+                CheckpointException) as e:
+            raise CheckpointError(f"checkpoint {ckpt} could not be loaded ({error_summary(e)}); "
+                                  f"it has no manifest to check it by: pass checkpoint.load=<an older iter_* "
+                                  f"directory> to resume from another") from e
         # DistributedOptimizer keeps fp32 main params; make the model params agree with them.
         self.iteration = meta["iteration"]
         rng_file = ckpt / "rng" / f"rank_{self.ctx.rank}.pt"
@@ -318,6 +417,7 @@ class MegatronActor:
             get_cuda_rng_tracker().set_states(rng["tracker"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
+        self._last_save = ckpt if load_optimizer else None
         return meta["state"]
 
     def load_model_weights(self, load_dir: str | Path) -> None:

@@ -43,8 +43,11 @@ def make_task(data: DataConfig, model: ModelConfig, seed: int) -> Task:
         raise ConfigError("data.train_file is required by the math task (a JSONL path or a shipped set: "
                           "deepscaler, math)")
     tokenizer = load_tokenizer(model.tokenizer)
-    evals = dict(load_eval_set(f, tokenizer, data.on_bad_row) for f in data.eval_files)
-    files = [load_queries(resolve_dataset(f), on_error=data.on_bad_row, tokenizer=tokenizer)
+    # Gold answers the verifier cannot parse are bad rows (reported with count and first): every response to one
+    # would score 0 without a word.
+    evals = dict(load_eval_set(f, tokenizer, data.on_bad_row, check_answers=True) for f in data.eval_files)
+    files = [load_queries(resolve_dataset(f), on_error=data.on_bad_row, tokenizer=tokenizer,
+                          answer_check=gold_answer_problem)
              for f in [data.train_file, *data.train_files]]
     solutions = {k: v for f in files for k, v in f.solutions.items()}
     return Task(name="math", tokenizer=tokenizer, reward=task_reward(data, "math"), reflection=ReflectionDetector(),
