@@ -114,6 +114,7 @@ class TrainBatch:
     provenance: torch.Tensor  # long, Provenance per token (PROMPT on prompt and padding)
     ref_logprobs: torch.Tensor | None = None  # float, reference-model log-probs when KL is on
     engine_logprobs: torch.Tensor | None = None  # float, engine log-probs on sampled tokens (0 elsewhere)
+    seq_lengths: torch.Tensor | None = None  # long [B], tokens per row before padding (the actor trims to these)
 
     @property
     def num_sequences(self) -> int:

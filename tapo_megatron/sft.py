@@ -105,7 +105,7 @@ def collate_sft(pairs, pad_id: int) -> dict[str, torch.Tensor]:
     for i, (p, r) in enumerate(pairs):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p):len(p) + len(r)] = 1.0
-    return {"tokens": tokens, "loss_mask": mask}
+    return {"tokens": tokens, "loss_mask": mask, "lengths": torch.tensor([len(p) + len(r) for p, r in pairs])}
 
 
 def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
@@ -113,7 +113,7 @@ def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
     ctx = setup_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                          cfg.seed, **shape.layout_dims())
     actor = MegatronActor(shape, ctx, cfg.sft.optimizer, cfg.parallel, cfg.model.params_dtype,
-                          cfg.model.kernel_backend)
+                          cfg.model.kernel_backend, cfg.model.logprobs_path)
     state = {"cursor": 0}
     if cfg.checkpoint.save and has_checkpoint(cfg.checkpoint.save):
         state = actor.load_checkpoint(cfg.checkpoint.save)

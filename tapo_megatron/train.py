@@ -67,7 +67,8 @@ def start_actor(cfg: TrainConfig, shape, ctx) -> tuple[MegatronActor, ReferenceP
     """The actor with its starting weights, the KL reference (the weights the run started from, only when
     ``algorithm.kl_coef > 0``) and the resumed loop state: from ``checkpoint.load``, else from ``checkpoint.save``
     when a previous (killed) run left a checkpoint there; None for a fresh start."""
-    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype, cfg.model.kernel_backend)
+    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype, cfg.model.kernel_backend,
+                          cfg.model.logprobs_path)
     ck = cfg.checkpoint
     resume_from = ck.load or (ck.save if ck.save and has_checkpoint(ck.save) else "")
     if ck.pretrained_checkpoint and (not resume_from or cfg.algorithm.kl_coef > 0):
@@ -116,7 +117,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         built = broadcast_object(built, ctx)
         metrics = dict(built.metrics)
         if built.trajectories:
-            batch = collate(built.trajectories, task.tokenizer.pad_id, cfg.tapo.train_constructed_prefix)    # (4)
+            batch = collate(built.trajectories, task.tokenizer.pad_id, cfg.tapo.train_constructed_prefix,    # (4)
+                            cfg.parallel.max_tokens_per_micro_batch)
             step_metrics, skipped = policy_step(actor, batch, cfg.algorithm, cfg.tapo, reference, skipped)    # (5)
             metrics.update(step_metrics)
         else:

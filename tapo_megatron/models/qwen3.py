@@ -152,6 +152,9 @@ def transformer_config(shape: Qwen3Shape, ctx: ParallelContext, dtype: torch.dty
         use_cpu_initialization=not gpu,
         batch_p2p_sync=gpu,
         deallocate_pipeline_outputs=False,
+        # micro-batches are trimmed to their own longest row, so stages exchange shapes with each activation
+        variable_seq_lengths=ctx.pp_size > 1,
+        moe_token_dispatcher_type="alltoall",  # dense model: unused, but the default one refuses variable lengths
     )
 
 
