@@ -7,8 +7,8 @@
 Rows are dealt to data-parallel ranks longest first, each to the rank with the fewest tokens so far (LPT), so ranks
 finish together. On each rank rows are cut, longest first, into micro-batches trimmed to their own longest row:
 with ``max_tokens`` (``parallel.max_tokens_per_micro_batch``, slime's ``--max-tokens-per-gpu``, verl's
-``use_dynamic_bsz``) a micro-batch takes rows while ``rows x longest <= max_tokens``; without it, at most
-``micro_batch_size`` rows. Trimming trailing padding is exact for a causal model; the loss is normalised by global
+``use_dynamic_bsz``) every micro-batch keeps ``rows x longest <= max_tokens`` and the cut points minimise padding
+plus a small per-micro-batch overhead; without it, ``micro_batch_size`` rows each. Trimming trailing padding is exact for a causal model; the loss is normalised by global
 token counts (``training/batch.py``), so any split gives the same loss and gradients.
 
 Packed sequences (THD, Transformer Engine only): ``pack_rows`` lays a micro-batch's rows end to end as one row with
@@ -55,19 +55,38 @@ def plan_micro_batches(lengths: list[int], dp_size: int, micro_batch_size: int, 
         assigned[rank].append(i)
         heapq.heappush(heap, (tokens + lengths[i], rows + 1, rank))
     ranks, computed = [], 0
-    for rows in assigned:
-        mbs: list[MicroBatch] = []
-        for i in rows:  # already longest first
-            cur = mbs[-1] if mbs else None
-            fits = cur is not None and (
-                (len(cur.rows) + 1) * cur.seq_len <= max_tokens if max_tokens else len(cur.rows) < micro_batch_size)
-            if fits:
-                cur.rows.append(i)
-            else:
-                mbs.append(MicroBatch([i], max(1, lengths[i])))
+    for rows in assigned:  # each already longest first
+        mbs = _cut_by_budget(rows, lengths, max_tokens) if max_tokens else [
+            MicroBatch(rows[i:i + micro_batch_size], max(1, lengths[rows[i]]))
+            for i in range(0, len(rows), micro_batch_size)]
         computed += sum(len(m.rows) * m.seq_len for m in mbs)
         ranks.append(mbs or [MicroBatch([], 1)])
     return MicroBatchPlan(ranks, real_tokens=int(sum(lengths)), computed_tokens=computed)
+
+
+MICRO_BATCH_OVERHEAD = 0.02  # fixed cost of one more micro-batch, as a share of a full budget's compute
+
+
+def _cut_by_budget(rows: list[int], lengths: list[int], max_tokens: int) -> list[MicroBatch]:
+    """Cut rows (longest first) into consecutive micro-batches with ``n x longest <= max_tokens``, minimising
+    computed tokens plus ``MICRO_BATCH_OVERHEAD x max_tokens`` per micro-batch (dynamic programming over cut
+    points: greedy filling would put very different lengths together and pad them)."""
+    n, overhead = len(rows), MICRO_BATCH_OVERHEAD * max_tokens
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):  # micro-batch rows[i:j], its longest row is rows[i]
+            width = max(1, lengths[rows[i]])
+            if (j - i) * width > max_tokens:
+                break
+            cost = best[i] + (j - i) * width + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    mbs, j = [], n
+    while j > 0:
+        i = cut[j]
+        mbs.append(MicroBatch(rows[i:j], max(1, lengths[rows[i]])))
+        j = i
+    return mbs[::-1]
 
 
 def pack_rows(tokens: torch.Tensor, lengths: list[int], multiple: int = 1
