@@ -45,7 +45,8 @@ def test_over_budget_row_refused_by_plan_and_by_collate_with_query_id():
     with pytest.raises(ValueError, match="max_tokens_per_micro_batch=10"):
         plan_micro_batches([4, 11], 1, 4, max_tokens=10)
     trajs = [Trajectory(query_id=f"q{i}", kind=TrajectoryKind.ORIGINAL, advantage_group=0, prompt_ids=[1] * 4,
-                        response_ids=[2] * n, provenance=[Provenance.SAMPLED] * n, reward=0.0) for i, n in enumerate((3, 9))]
+                        response_ids=[2] * n, provenance=[Provenance.SAMPLED] * n, reward=0.0)
+             for i, n in enumerate((3, 9))]
     with pytest.raises(DataError, match="'q1'.*13 tokens.*max_tokens_per_micro_batch=12"):
         collate(trajs, pad_id=0, max_tokens=12)
     batch = collate(trajs, pad_id=0, max_tokens=13)

@@ -38,7 +38,8 @@ def token_logprobs(output: torch.Tensor, tokens: torch.Tensor, lengths: list[int
     """output [s, b, V/tp] logits (or [s, b, H] hidden states with ``output_weight`` [V/tp, H]); tokens [b, s].
 
     ``inplace_backward`` writes d(loss)/d(logits) into the logits buffer (the output layer's backward never reads
-    its own output). ``reduce_grad_hidden``: see ``fused_linear_logprobs``. ``cu_seqlens`` marks a packed micro-batch (b = 1): results come back as [rows, seq_len].
+    its own output). ``reduce_grad_hidden``: see ``fused_linear_logprobs``. ``cu_seqlens`` marks a packed
+    micro-batch (b = 1): results come back as [rows, seq_len].
     Returns (logprobs, entropy | None), fp32."""
     if cu_seqlens is not None:
         targets, mask = packed_targets(tokens, cu_seqlens)

@@ -8,8 +8,9 @@ Rows are dealt to data-parallel ranks longest first, each to the rank with the f
 finish together. On each rank rows are cut, longest first, into micro-batches trimmed to their own longest row:
 with ``max_tokens`` (``parallel.max_tokens_per_micro_batch``, slime's ``--max-tokens-per-gpu``, verl's
 ``use_dynamic_bsz``) every micro-batch keeps ``rows x longest <= max_tokens`` and the cut points minimise padding
-plus a small per-micro-batch overhead; without it, ``micro_batch_size`` rows each. Trimming trailing padding is exact for a causal model; the loss is normalised by global
-token counts (``training/batch.py``), so any split gives the same loss and gradients.
+plus a small per-micro-batch overhead; without it, ``micro_batch_size`` rows each. Trimming trailing padding is
+exact for a causal model; the loss is normalised by global token counts (``training/batch.py``), so any split gives
+the same loss and gradients.
 
 Packed sequences (THD, Transformer Engine only): ``pack_rows`` lays a micro-batch's rows end to end as one row with
 ``cu_seqlens`` and positions restarting per row; ``unpack_rows`` puts per-token values back in [rows, seq_len].
