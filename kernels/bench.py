@@ -12,7 +12,9 @@ GPU (CUDA available): for each token count, bf16 logits ``[N, V]``, forward + ba
   peak memory; grouped advantage >= 20x faster than a per-group torch loop at 4,096 groups.
 CPU: the parity check of the Triton kernels (in a subprocess under TRITON_INTERPRET=1, small shapes), peak extra
 memory of the torch backend vs the unfused path measured as ``ru_maxrss`` growth in fresh subprocesses (smaller
-token counts, same vocabulary), the bytes per logit that implies, and the grouped-advantage timings.
+token counts, same vocabulary), the bytes per logit that implies, the torch path against ``F.cross_entropy`` (time
+interleaved in one process; LM head + loss memory beyond the logits; targets <= 1.2x time, <= 0.25x memory), and
+the grouped-advantage timings.
 Results are printed and written as JSON.
 """
 from __future__ import annotations
@@ -316,6 +318,86 @@ def _parity_check() -> dict:
     return out
 
 
+def _lm_head_step(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """The actor's case on CPU: fp32 logits made by the LM-head GEMM (a non-leaf), then the loss, fwd + bwd.
+    ``torch``: tapo_kernels' torch path with the in-place backward (as the actor trains); ``cross_entropy``:
+    ``-F.cross_entropy(reduction="none")`` as the log-prob."""
+    import torch.nn.functional as F
+
+    from . import masked_logprobs
+
+    def step(hidden, weight, targets, weights):
+        logits = hidden @ weight.T
+        if impl == "cross_entropy":
+            lp = -F.cross_entropy(logits, targets, reduction="none")
+        else:
+            lp = masked_logprobs(logits, targets, None, backend="torch", inplace_backward=True)
+        (lp * weights).sum().backward()
+
+    return step
+
+
+def _rss_probe_lm_head(impl: str, n: int, vocab: int, hidden: int = 64) -> int:
+    """Fresh subprocess: ru_maxrss growth (bytes) of one LM-head + log-prob fwd+bwd (``_lm_head_step``)."""
+    import resource
+
+    torch.set_num_threads(1)
+    h = torch.randn(n, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden, requires_grad=True)
+    targets, weights = torch.randint(0, vocab, (n,)), torch.randn(n)
+    _lm_head_step(impl)(h[:1], w, targets[:1], weights[:1])  # warm up, and allocate w.grad
+    h.grad = None
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    _lm_head_step(impl)(h, w, targets, weights)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def bench_cpu_vs_cross_entropy(n: int, vocab: int, iters: int) -> dict:
+    """tapo_kernels' torch path vs F.cross_entropy on CPU, fp32: time (fwd + bwd of the log-prob alone, the two
+    interleaved in one process, median) and peak extra memory of LM head + log-prob (fresh subprocesses). The
+    logits' own bytes (N x V x 4, common to both) are reported separately."""
+    import torch.nn.functional as F
+
+    from . import masked_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    leaf = torch.randn(n, vocab, generator=g).requires_grad_()
+    targets, weights = torch.randint(0, vocab, (n,), generator=g), torch.randn(n, generator=g)
+
+    def ce():
+        (-F.cross_entropy(leaf.view(n, vocab), targets, reduction="none") * weights).sum().backward()
+
+    def ours():  # a view: a non-leaf, like the output layer's logits, so the in-place backward applies
+        (masked_logprobs(leaf.view(n, vocab), targets, None, backend="torch", inplace_backward=True)
+         * weights).sum().backward()
+
+    times: dict[str, list[float]] = {"torch": [], "cross_entropy": []}
+    for _ in range(iters):
+        for name, fn in (("torch", ours), ("cross_entropy", ce)):
+            leaf.grad = None
+            with torch.no_grad():
+                leaf.normal_(generator=g)  # the in-place backward overwrote the logits
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    mem = {impl: _subprocess(f"b._rss_probe_lm_head({impl!r}, {n}, {vocab})", env) for impl in times}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    logits_bytes = n * vocab * 4
+    row = {"tokens": n, "vocab": vocab, "dtype": "float32", "iters": iters,
+           "time_s": med, "time_ratio_vs_cross_entropy": med["torch"] / med["cross_entropy"],
+           "peak_extra_bytes": mem, "logits_bytes": logits_bytes,
+           "memory_ratio_beyond_logits": max(0, mem["torch"] - logits_bytes)
+           / max(1, mem["cross_entropy"] - logits_bytes)}
+    ok = row["time_ratio_vs_cross_entropy"] <= 1.2 and row["memory_ratio_beyond_logits"] <= TARGET_MEMORY_FRACTION
+    row["verdict"] = "PASS" if ok else "FAIL (targets: <= 1.2x time, <= 0.25x memory beyond the logits)"
+    print(f"[CPU vs F.cross_entropy] N={n} V={vocab} fp32 fwd+bwd: time {med['torch'] * 1e3:.0f} ms vs "
+          f"{med['cross_entropy'] * 1e3:.0f} ms = {row['time_ratio_vs_cross_entropy']:.2f}x | LM head + loss peak "
+          f"{mem['torch'] / 2**20:.0f} vs {mem['cross_entropy'] / 2**20:.0f} MiB (logits {logits_bytes / 2**20:.0f} "
+          f"MiB), beyond the logits {row['memory_ratio_beyond_logits']:.3f}x | {row['verdict']}", flush=True)
+    return row
+
+
 def _rss_probe(impl: str, n: int, vocab: int) -> int:
     """Runs in a fresh subprocess: ru_maxrss growth (bytes) of one fwd+bwd after the inputs exist."""
     import resource
@@ -340,7 +422,7 @@ def _subprocess(expr: str, env: dict | None = None) -> object:
     return json.loads(line[2:])
 
 
-def bench_cpu(tokens: list[int], vocab: int) -> dict:
+def bench_cpu(tokens: list[int], vocab: int, iters: int = 5) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1")  # triton reads it at import: hence a fresh process
     parity = _subprocess("b._parity_check()", env)
     ok = all(v["logprob_max_abs_err"] < 1e-4 and v["grad_max_abs_err"] < 1e-2 for k, v in parity.items()
@@ -369,7 +451,8 @@ def bench_cpu(tokens: list[int], vocab: int) -> dict:
             flush=True,
         )
         memory.append(row)
-    return {"parity": parity, "memory": memory}
+    return {"parity": parity, "memory": memory,
+            "logprobs": [bench_cpu_vs_cross_entropy(n, vocab, iters) for n in tokens]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -407,7 +490,7 @@ def main(argv: list[str] | None = None) -> dict:
     if on_gpu:
         report.update(bench_gpu(args.tokens or [4096, 16384, 65536], args.vocab, args.hidden, args.iters))
     else:
-        report.update(bench_cpu(args.tokens or [128, 1024], args.vocab))
+        report.update(bench_cpu(args.tokens or [128, 1024], args.vocab, args.iters))
     report["grouped_advantage"] = bench_advantage(args.groups, device, args.iters)
     verdicts = [r["verdict"] for r in report.get("logprobs", [])] + [report["grouped_advantage"]["verdict"]]
     if "parity" in report:

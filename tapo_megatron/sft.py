@@ -113,7 +113,7 @@ def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
     ctx = setup_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                          cfg.seed, **shape.layout_dims())
     actor = MegatronActor(shape, ctx, cfg.sft.optimizer, cfg.parallel, cfg.model.params_dtype,
-                          cfg.model.kernel_backend, cfg.model.logprobs_path)
+                          cfg.model.kernel_backend, cfg.model.logprobs_path, cfg.megatron)
     state = {"cursor": 0}
     if cfg.checkpoint.save and has_checkpoint(cfg.checkpoint.save):
         state = actor.load_checkpoint(cfg.checkpoint.save)

@@ -68,7 +68,7 @@ def start_actor(cfg: TrainConfig, shape, ctx) -> tuple[MegatronActor, ReferenceP
     ``algorithm.kl_coef > 0``) and the resumed loop state: from ``checkpoint.load``, else from ``checkpoint.save``
     when a previous (killed) run left a checkpoint there; None for a fresh start."""
     actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype, cfg.model.kernel_backend,
-                          cfg.model.logprobs_path)
+                          cfg.model.logprobs_path, cfg.megatron)
     ck = cfg.checkpoint
     resume_from = ck.load or (ck.save if ck.save and has_checkpoint(ck.save) else "")
     if ck.pretrained_checkpoint and (not resume_from or cfg.algorithm.kl_coef > 0):

@@ -122,7 +122,7 @@ def run_demo(out_dir: str = "runs/demo", seeds: tuple[int, ...] = (1234,), grpo_
     ctx = setup_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                          cfg.seed, **shape.layout_dims())
     actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype,
-                          cfg.model.kernel_backend)
+                          cfg.model.kernel_backend, cfg.model.logprobs_path, cfg.megatron)
     actor.load_model_weights(cold_ckpt)
     engine = build_engine(cfg.rollout, shape, cfg.seed)
     sync_weights(actor, engine, 0, 2**26)

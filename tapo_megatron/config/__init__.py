@@ -233,6 +233,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # Megatron-Core's own field names (TransformerConfig, OptimizerConfig, DistributedDataParallelConfig), passed
+    # through to the actor: recompute_granularity, attention_backend, overlap_grad_reduce... (models/megatron_args.py)
+    megatron: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
         if self.rollout.n_samples_per_prompt < 2:
@@ -274,6 +277,10 @@ class TrainConfig:
             raise ConfigError(f"model.logprobs_path={self.model.logprobs_path!r}: expected logits or fused_linear")
         if self.algorithm.ppo_epochs < 1 or self.algorithm.mini_batch_size < 0:
             raise ConfigError("algorithm.ppo_epochs must be >= 1 and algorithm.mini_batch_size >= 0")
+        if self.megatron:
+            from tapo_megatron.models.megatron_args import split_megatron_args
+
+            split_megatron_args(self.megatron)
         if self.checkpoint.export_hf and not self.checkpoint.save:
             raise ConfigError("checkpoint.export_hf needs checkpoint.save: the export is made from the final checkpoint")
         self._check_plugins()

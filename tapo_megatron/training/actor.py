@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from tapo_megatron.config import OptimizerConfig, ParallelConfig
 from tapo_megatron.convert.checkpoints import LATEST_FILE, resolve_checkpoint
+from tapo_megatron.models.megatron_args import merged, speed_defaults, split_megatron_args
 from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3, have_transformer_engine
 from tapo_megatron.parallel import ParallelContext
 from tapo_megatron.training.logprobs import LOGPROB_PATHS, token_logprobs
@@ -52,6 +53,11 @@ class StepResult:
     entropy: torch.Tensor | None = None
 
 
+def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad dim 1 with zeros to ``width`` (padding never reaches the loss: its mask is 0)."""
+    return t if t.shape[1] >= width else torch.cat([t, t.new_zeros((t.shape[0], width - t.shape[1], *t.shape[2:]))], 1)
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
@@ -59,7 +65,7 @@ def _dtype(name: str) -> torch.dtype:
 class MegatronActor:
     def __init__(self, shape: Qwen3Shape, ctx: ParallelContext, optim: OptimizerConfig,
                  parallel: ParallelConfig, params_dtype: str = "float32", kernel_backend: str = "auto",
-                 logprobs_path: str = "logits"):
+                 logprobs_path: str = "logits", megatron: dict | None = None):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
@@ -73,10 +79,12 @@ class MegatronActor:
         self.logprobs_path = logprobs_path
         # THD packing needs Transformer Engine's attention (the local spec's attention refuses packed_seq_params)
         self.packed_sequences = parallel.packed_sequences and have_transformer_engine()
-        module = build_qwen3(shape, ctx, self.dtype)
+        # Megatron's own fields: our speed defaults (TE on GPU), then the validated ``megatron:`` section
+        args = merged(speed_defaults(ctx.tp_size, have_transformer_engine()), split_megatron_args(megatron or {}))
+        module = build_qwen3(shape, ctx, self.dtype, args["transformer"])
         self.config = module.config
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer)
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=parallel.use_distributed_optimizer,
+                                                   **args["ddp"])
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)
         # Without this, DP gradients are silently never reduced (STACK_NOTES).
         self.config.finalize_model_grads_func = finalize_model_grads
@@ -86,7 +94,7 @@ class MegatronActor:
                 optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                 adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
                 clip_grad=optim.clip_grad, bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
-                use_distributed_optimizer=parallel.use_distributed_optimizer),
+                use_distributed_optimizer=parallel.use_distributed_optimizer, **args["optimizer"]),
             [self.model])
         self.iteration = 0
 
@@ -115,11 +123,13 @@ class MegatronActor:
         lengths = [seq_len] * batch_size if lengths is None else [int(n) for n in lengths]
         plan = plan_micro_batches(lengths, self.ctx.dp_size, self.parallel_cfg.micro_batch_size,
                                   self.parallel_cfg.max_tokens_per_micro_batch)
+        # sequence parallelism splits the sequence over TP ranks: widths (unpacked) must divide by TP
+        multiple = self.ctx.tp_size if self.config.sequence_parallel and not self.packed_sequences else 1
         micro_batches = []
         for mb in plan.ranks[self.ctx.dp_rank]:
             if mb.rows:
-                idx = torch.tensor(mb.rows)
-                part = {k: v[idx, :mb.seq_len] for k, v in tensors.items() if v is not None}
+                idx, width = torch.tensor(mb.rows), -(-mb.seq_len // multiple) * multiple
+                part = {k: _pad_to(v[idx, :width], width) for k, v in tensors.items() if v is not None}
             else:  # a rank without rows runs one all-padding row (loss mask 0) so the schedule and DDP still run
                 part = {k: v.new_zeros((1, 1, *v.shape[2:])) for k, v in tensors.items() if v is not None}
             part["rows"], part["lengths"] = mb.rows, [lengths[i] for i in mb.rows] or [1]
