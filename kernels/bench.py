@@ -337,19 +337,27 @@ def _lm_head_step(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tens
     return step
 
 
-def _rss_probe_lm_head(impl: str, n: int, vocab: int, hidden: int = 64) -> int:
-    """Fresh subprocess: ru_maxrss growth (bytes) of one LM-head + log-prob fwd+bwd (``_lm_head_step``)."""
-    import resource
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
+
+def _rss_probe_lm_head(impl: str, n: int, vocab: int, hidden: int = 64) -> int:
+    """Fresh subprocess: peak RSS growth (bytes) of one LM-head + log-prob fwd+bwd (``_lm_head_step``). The
+    high-water mark is reset first (``clear_refs`` 5, Linux), so earlier peaks (imports) cannot hide this one."""
     torch.set_num_threads(1)
     h = torch.randn(n, hidden, requires_grad=True)
     w = torch.randn(vocab, hidden, requires_grad=True)
     targets, weights = torch.randint(0, vocab, (n,)), torch.randn(n)
     _lm_head_step(impl)(h[:1], w, targets[:1], weights[:1])  # warm up, and allocate w.grad
     h.grad = None
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
     _lm_head_step(impl)(h, w, targets, weights)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return _status_bytes("VmHWM") - base
 
 
 def bench_cpu_vs_cross_entropy(n: int, vocab: int, iters: int) -> dict:
@@ -372,8 +380,9 @@ def bench_cpu_vs_cross_entropy(n: int, vocab: int, iters: int) -> dict:
          * weights).sum().backward()
 
     times: dict[str, list[float]] = {"torch": [], "cross_entropy": []}
-    for _ in range(iters):
-        for name, fn in (("torch", ours), ("cross_entropy", ce)):
+    for i in range(iters):  # interleaved, order alternating, so load changes hit both alike
+        pair = (("torch", ours), ("cross_entropy", ce))
+        for name, fn in pair if i % 2 else pair[::-1]:
             leaf.grad = None
             with torch.no_grad():
                 leaf.normal_(generator=g)  # the in-place backward overwrote the logits
