@@ -65,7 +65,7 @@ def plan_micro_batches(lengths: list[int], dp_size: int, micro_batch_size: int, 
     return MicroBatchPlan(ranks, real_tokens=int(sum(lengths)), computed_tokens=computed)
 
 
-MICRO_BATCH_OVERHEAD = 0.02  # fixed cost of one more micro-batch, as a share of a full budget's compute
+MICRO_BATCH_OVERHEAD = 0.01  # fixed cost of one more micro-batch, as a share of a full budget's compute
 
 
 def _cut_by_budget(rows: list[int], lengths: list[int], max_tokens: int) -> list[MicroBatch]:

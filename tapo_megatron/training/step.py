@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from tapo_megatron.config import AlgorithmConfig, TapoConfig
+from tapo_megatron.logging.timing import Stopwatch
 from tapo_megatron.records import TrainBatch
 from tapo_megatron.training.actor import NonFiniteLossError
 from tapo_megatron.training.batch import (
@@ -36,23 +37,29 @@ def policy_step(actor, batch: TrainBatch, algo: AlgorithmConfig, tapo: TapoConfi
 
     A non-finite loss or gradient skips the step (weights untouched, the iteration consumed) and is logged;
     ``MAX_SKIPPED_STEPS`` in a row stop the run with the error. Returns (metrics, skipped steps in a row)."""
+    watch = Stopwatch()  # time/logprobs: reference and old-log-prob passes; time/train: the optimizer step(s)
     if reference is not None:
         batch.ref_logprobs = reference.logprobs(actor, batch.tokens, batch.seq_lengths)
     metrics: dict = {}
     try:
         if is_on_policy(algo, batch.num_sequences):
+            watch.lap("logprobs")
             result = actor.train_step(batch_tensors(batch), make_policy_loss_fn(batch, algo, tapo, on_policy=True),
                                       with_entropy=True, return_logprobs=True)
             metrics.update(set_policy_tensors(batch, result.logprobs, result.entropy, tapo))
         else:
             metrics.update(fill_policy_tensors(batch, actor, tapo))
+            watch.lap("logprobs")
             result = _ppo_steps(actor, batch, algo, tapo, metrics)
+        watch.lap("train")
+        metrics.update(watch.times)
     except NonFiniteLossError as err:
         if skipped_in_a_row + 1 >= MAX_SKIPPED_STEPS:
             raise
         print(f"[train] {err}", flush=True)
         actor.skip_step()
-        return {**metrics, "skipped_nonfinite": 1.0}, skipped_in_a_row + 1
+        watch.lap("train")
+        return {**metrics, **watch.times, "skipped_nonfinite": 1.0}, skipped_in_a_row + 1
     metrics.update(result.metrics, loss=result.loss, grad_norm=result.grad_norm, lr=result.lr, skipped_nonfinite=0.0)
     return metrics, 0
 
