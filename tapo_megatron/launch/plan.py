@@ -245,7 +245,8 @@ def check_plan(plan: MemoryPlan) -> MemoryPlan:
     if plan.trainer_peak_gb > cap:
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(terms.items(), key=lambda kv: -kv[1])[:3])
         raise PlanError(f"does not fit: a trainer GPU needs {plan.trainer_peak_gb:.1f} GB > {cap:.0f} GB "
-                        f"(largest: {top} GB); raise TP/PP/DP, lower parallel.micro_batch_size / max_tokens_per_micro_batch or add nodes")
+                        f"(largest: {top} GB); raise TP/PP/DP, lower parallel.micro_batch_size / "
+                        "max_tokens_per_micro_batch or add nodes")
     one_seq = plan.kv_cache_needed_gb / max(1, plan.sequences_per_engine)
     if plan.kv_cache_available_gb < one_seq:
         raise PlanError(f"does not fit: the rollout engine has {plan.kv_cache_available_gb:.1f} GB for its KV cache "

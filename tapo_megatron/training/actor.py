@@ -150,7 +150,8 @@ class MegatronActor:
             """Megatron's post-process hook: hand back the sequence-first [s, b, *] output (GPTModel's own path
             ends in a [b, s, V] transpose copy); the fused path keeps the hidden states and the output weight."""
             if not fused:
-                return output_layer(hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output)[0]
+                return output_layer(hidden_states, weight=output_weight,
+                                    runtime_gather_output=runtime_gather_output)[0]
             context["weight"] = output_weight if output_weight is not None else output_layer.weight
             if output_layer.sequence_parallel:  # the layer would all-gather its input; its backward reduce-scatters
                 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
@@ -194,8 +195,9 @@ class MegatronActor:
         across DP ranks, so a SUM over DP gathers them)."""
         full = torch.zeros(shape, dtype=torch.float32, device=self.ctx.device)
         for rows, values in parts if self.ctx.is_last_stage else ():
-            if rows:
-                full[torch.tensor(rows, device=full.device), :values.shape[1]] = values.float()
+            if rows:  # a width rounded up for sequence parallelism may exceed T: only padding lies past it
+                width = min(values.shape[1], shape[1])
+                full[torch.tensor(rows, device=full.device), :width] = values[:, :width].float()
         full = self._broadcast_from_last_stage(full, shape, torch.float32)
         if self.ctx.dp_size > 1:
             dist.all_reduce(full, group=self.ctx.dp_group)
