@@ -98,14 +98,18 @@ def length_buckets(pairs, batch_size: int, seed: int) -> list[list[int]]:
     return batches
 
 
-def collate_sft(pairs, pad_id: int) -> dict[str, torch.Tensor]:
-    seq_len = max(len(p) + len(r) for p, r in pairs)
+def collate_sft(pairs, pad_id: int, max_tokens: int = 0) -> dict[str, torch.Tensor]:
+    lengths = [len(p) + len(r) for p, r in pairs]
+    if max_tokens and max(lengths) > max_tokens:  # refused here, not as a failure inside the actor
+        raise DataError(f"an SFT example has {max(lengths)} tokens, over parallel.max_tokens_per_micro_batch="
+                        f"{max_tokens}; raise the budget or drop longer examples")
+    seq_len = max(lengths)
     tokens = torch.full((len(pairs), seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((len(pairs), seq_len))
     for i, (p, r) in enumerate(pairs):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p):len(p) + len(r)] = 1.0
-    return {"tokens": tokens, "loss_mask": mask, "lengths": torch.tensor([len(p) + len(r) for p, r in pairs])}
+    return {"tokens": tokens, "loss_mask": mask, "lengths": torch.tensor(lengths)}
 
 
 def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
@@ -133,7 +137,7 @@ def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
             start = state["cursor"] % len(pairs)
             chunk = (pairs[start:] + pairs)[:gbs]
             state["cursor"] = start + gbs
-        tensors = collate_sft(chunk, tokenizer.pad_id)
+        tensors = collate_sft(chunk, tokenizer.pad_id, cfg.parallel.max_tokens_per_micro_batch)
         num_tokens = float(tensors["loss_mask"].sum())
         result = actor.train_step(tensors, lambda lp, mb: (sft_loss(lp, mb["loss_mask"], num_tokens), {}))
         if logger:

@@ -51,6 +51,10 @@ def test_over_budget_row_refused_by_plan_and_by_collate_with_query_id():
         collate(trajs, pad_id=0, max_tokens=12)
     batch = collate(trajs, pad_id=0, max_tokens=13)
     assert batch.seq_lengths.tolist() == [7, 13]
+    from tapo_megatron.sft import collate_sft
+
+    with pytest.raises(DataError, match="SFT example has 13 tokens, over parallel.max_tokens_per_micro_batch=12"):
+        collate_sft([([1] * 4, [2] * 3), ([1] * 4, [2] * 9)], pad_id=0, max_tokens=12)
 
 
 @pytest.mark.parametrize("multiple", [1, 4])
