@@ -5,9 +5,9 @@
     masked_logprobs_vocab_parallel(logits_shard, ..., tp_group)  the same over a Megatron TP vocab shard
     fused_linear_logprobs(hidden [N, H], weight [V, H], ...)     LM-head GEMM fused in: [N, V] logits never exist
 
-On the training path: ``masked_logprobs_vocab_parallel`` (the actor's log-probs and entropies, ``training/logprobs``)
-and ``grouped_advantage`` (``algorithms.advantages`` on CUDA). ``fused_linear_logprobs`` is benchmark-only for now
-(``tapo bench kernels``): the actor does not call it yet.
+On the training path: ``masked_logprobs_vocab_parallel`` (the actor's log-probs and entropies, ``training/logprobs``;
+in-place backward when training), ``fused_linear_logprobs`` (``model.logprobs_path=fused_linear``) and
+``grouped_advantage`` (``algorithms.advantages`` on CUDA).
 
 Importing this package neither needs a GPU nor launches anything; Triton kernels are compiled on first use.
 Backend choice: ``tapo_kernels.select`` (Triton on CUDA, torch on CPU, ``TAPO_KERNELS=torch|triton`` to force).

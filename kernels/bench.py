@@ -5,6 +5,9 @@
 
 GPU (CUDA available): for each token count, bf16 logits ``[N, V]``, forward + backward of
   * ``masked_logprobs`` (Triton), its torch backend (chunked), and the unfused path (fp32 log_softmax + gather);
+  * the baselines a user would reach for: ``F.cross_entropy``, Megatron's ``vocab_parallel_cross_entropy``, a
+    ``torch.compile``d log_softmax + gather, Liger-Kernel's cross-entropy where importable, and for the entropy a
+    single fp32 log_softmax feeding both; the verdict is against the fastest and the smallest of them;
   * the same with the entropy (the OTS path);
   * ``fused_linear_logprobs`` (hidden ``[N, H]`` x weight ``[V, H]``) vs GEMM + Triton log-prob vs GEMM + unfused;
   times (CUDA events, median) and peak extra memory (``max_memory_allocated`` above the inputs), printed as ratios,
@@ -12,7 +15,9 @@ GPU (CUDA available): for each token count, bf16 logits ``[N, V]``, forward + ba
   peak memory; grouped advantage >= 20x faster than a per-group torch loop at 4,096 groups.
 CPU: the parity check of the Triton kernels (in a subprocess under TRITON_INTERPRET=1, small shapes), peak extra
 memory of the torch backend vs the unfused path measured as ``ru_maxrss`` growth in fresh subprocesses (smaller
-token counts, same vocabulary), the bytes per logit that implies, and the grouped-advantage timings.
+token counts, same vocabulary), the bytes per logit that implies, the torch path against ``F.cross_entropy`` (time
+interleaved in one process; LM head + loss memory beyond the logits; targets <= 1.2x time, <= 0.25x memory), and
+the grouped-advantage timings.
 Results are printed and written as JSON.
 """
 from __future__ import annotations
@@ -54,6 +59,68 @@ def _logprob_step(impl: str, with_entropy: bool) -> Callable[[torch.Tensor, torc
         loss.backward()
 
     return step
+
+
+def _baseline_step(name: str, with_entropy: bool):
+    """fwd + bwd of a baseline a user would otherwise reach for on GPU, or None where it cannot run here:
+    ``cross_entropy`` (F.cross_entropy), ``megatron`` (Megatron's vocab_parallel_cross_entropy, TP = 1),
+    ``compiled`` (torch.compile'd log_softmax + gather; with the entropy, log_softmax once), ``liger``
+    (Liger-Kernel's cross-entropy, where importable), ``unfused_once`` (entropy: one fp32 log_softmax for both)."""
+    import torch.nn.functional as F
+
+    if with_entropy and name in ("cross_entropy", "megatron", "liger"):
+        return None  # they give no entropy
+    if name == "cross_entropy":
+        def lp_fn(x, t):
+            return -F.cross_entropy(x, t, reduction="none")
+    elif name == "megatron":
+        try:
+            from megatron.core import parallel_state
+            from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+            if not torch.distributed.is_initialized():
+                torch.distributed.init_process_group("nccl", init_method="tcp://127.0.0.1:29571", rank=0,
+                                                     world_size=1)
+            if not parallel_state.model_parallel_is_initialized():
+                parallel_state.initialize_model_parallel(1, 1)
+        except Exception:  # noqa: BLE001 - no megatron / no NCCL: the baseline is reported as absent
+            return None
+
+        def lp_fn(x, t):
+            return -vocab_parallel_cross_entropy(x[:, None, :], t[:, None]).squeeze(1)
+    elif name == "liger":
+        try:
+            from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+        except ImportError:
+            return None
+
+        def lp_fn(x, t):
+            return -LigerCrossEntropyFunction.apply(x, t, None, -100, 0.0, 0.0, "none")[0]
+    elif name == "compiled":
+        def both(x, t):
+            logp = torch.log_softmax(x.float(), -1)
+            lp = logp.gather(-1, t[:, None]).squeeze(-1)
+            return (lp, -(logp.exp() * logp).sum(-1)) if with_entropy else lp
+        lp_fn = torch.compile(both)
+    elif name == "unfused_once":
+        if not with_entropy:
+            return None
+
+        def lp_fn(x, t):
+            logp = torch.log_softmax(x.float(), -1)
+            return logp.gather(-1, t[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+    else:
+        raise ValueError(name)
+
+    def step(logits, targets, weights):
+        out = lp_fn(logits, targets)
+        loss = (out[0] * weights).sum() + out[1].sum() if with_entropy else (out * weights).sum()
+        loss.backward()
+
+    return step
+
+
+BASELINES = ("cross_entropy", "megatron", "compiled", "liger", "unfused_once")
 
 
 def _fused_linear_step(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
@@ -165,6 +232,13 @@ def bench_gpu(tokens: list[int], vocab: int, hidden: int, iters: int) -> dict:
             for impl in ("triton", "torch", "unfused"):
                 step = _logprob_step(impl, ent)
                 row[impl] = _gpu_case(lambda s=step: s(logits, targets, weights), cleanup, iters)
+            for name in BASELINES:
+                step = _baseline_step(name, ent)
+                if step is not None:
+                    try:
+                        row[name] = _gpu_case(lambda s=step: s(logits, targets, weights), cleanup, iters)
+                    except Exception as exc:  # noqa: BLE001 - e.g. a baseline's API changed: report, go on
+                        row[name] = {"seconds": None, "peak_extra_bytes": None, "error": str(exc)[:200]}
             results[key].append(row)
             _print_logprob_row(key, row)
         del logits
@@ -208,6 +282,20 @@ def _print_logprob_row(key: str, row: dict) -> None:
         ok = speed_u is not None and speed_u >= TARGET_SPEEDUP_LOGPROB and mem_u <= TARGET_MEMORY_FRACTION
         verdict = "PASS" if ok else "FAIL"
     row["verdict"] = verdict
+    # against the strongest baseline present (fastest / smallest of each), as the targets are stated
+    base = {n: row[n] for n in BASELINES if n in row and row[n].get("seconds")}
+    if base and not t.get("oom"):
+        fastest = min(base, key=lambda n: base[n]["seconds"])
+        smallest = min(base, key=lambda n: base[n]["peak_extra_bytes"])
+        row["speedup_vs_best_baseline"] = _ratio(base[fastest]["seconds"], t["seconds"])
+        row["memory_fraction_of_best_baseline"] = _ratio(t["peak_extra_bytes"], base[smallest]["peak_extra_bytes"])
+        ok = (row["speedup_vs_best_baseline"] >= TARGET_SPEEDUP_LOGPROB
+              and row["memory_fraction_of_best_baseline"] <= TARGET_MEMORY_FRACTION)
+        row["verdict"] = verdict = "PASS" if ok else "FAIL"
+        print(f"[{key}] N={row['tokens']:>6} baselines: " + " | ".join(
+            f"{n} {_fmt_t(c)} {_fmt_m(c)}" for n, c in base.items())
+            + f" | triton {row['speedup_vs_best_baseline']:.2f}x faster than {fastest}, "
+              f"{row['memory_fraction_of_best_baseline']:.3f} of {smallest}'s memory", flush=True)
     print(
         f"[{key}] N={row['tokens']:>6} V={row['vocab']}: triton {_fmt_t(t)} {_fmt_m(t)} | torch {_fmt_t(r)} "
         f"{_fmt_m(r)} | unfused {_fmt_t(u)} {_fmt_m(u)} | speedup vs unfused "
@@ -316,6 +404,95 @@ def _parity_check() -> dict:
     return out
 
 
+def _lm_head_step(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    """The actor's case on CPU: fp32 logits made by the LM-head GEMM (a non-leaf), then the loss, fwd + bwd.
+    ``torch``: tapo_kernels' torch path with the in-place backward (as the actor trains); ``cross_entropy``:
+    ``-F.cross_entropy(reduction="none")`` as the log-prob."""
+    import torch.nn.functional as F
+
+    from . import masked_logprobs
+
+    def step(hidden, weight, targets, weights):
+        logits = hidden @ weight.T
+        if impl == "cross_entropy":
+            lp = -F.cross_entropy(logits, targets, reduction="none")
+        else:
+            lp = masked_logprobs(logits, targets, None, backend="torch", inplace_backward=True)
+        (lp * weights).sum().backward()
+
+    return step
+
+
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _rss_probe_lm_head(impl: str, n: int, vocab: int, hidden: int = 64) -> int:
+    """Fresh subprocess: peak RSS growth (bytes) of one LM-head + log-prob fwd+bwd (``_lm_head_step``). The
+    high-water mark is reset first (``clear_refs`` 5, Linux), so earlier peaks (imports) cannot hide this one."""
+    torch.set_num_threads(1)
+    h = torch.randn(n, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden, requires_grad=True)
+    targets, weights = torch.randint(0, vocab, (n,)), torch.randn(n)
+    _lm_head_step(impl)(h[:1], w, targets[:1], weights[:1])  # warm up, and allocate w.grad
+    h.grad = None
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    _lm_head_step(impl)(h, w, targets, weights)
+    return _status_bytes("VmHWM") - base
+
+
+def bench_cpu_vs_cross_entropy(n: int, vocab: int, iters: int) -> dict:
+    """tapo_kernels' torch path vs F.cross_entropy on CPU, fp32: time (fwd + bwd of the log-prob alone, the two
+    interleaved in one process, median) and peak extra memory of LM head + log-prob (fresh subprocesses). The
+    logits' own bytes (N x V x 4, common to both) are reported separately."""
+    import torch.nn.functional as F
+
+    from . import masked_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    leaf = torch.randn(n, vocab, generator=g).requires_grad_()
+    targets, weights = torch.randint(0, vocab, (n,), generator=g), torch.randn(n, generator=g)
+
+    def ce():
+        (-F.cross_entropy(leaf.view(n, vocab), targets, reduction="none") * weights).sum().backward()
+
+    def ours():  # a view: a non-leaf, like the output layer's logits, so the in-place backward applies
+        (masked_logprobs(leaf.view(n, vocab), targets, None, backend="torch", inplace_backward=True)
+         * weights).sum().backward()
+
+    times: dict[str, list[float]] = {"torch": [], "cross_entropy": []}
+    for i in range(iters):  # interleaved, order alternating, so load changes hit both alike
+        pair = (("torch", ours), ("cross_entropy", ce))
+        for name, fn in pair if i % 2 else pair[::-1]:
+            leaf.grad = None
+            with torch.no_grad():
+                leaf.normal_(generator=g)  # the in-place backward overwrote the logits
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    mem = {impl: _subprocess(f"b._rss_probe_lm_head({impl!r}, {n}, {vocab})", env) for impl in times}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    logits_bytes = n * vocab * 4
+    row = {"tokens": n, "vocab": vocab, "dtype": "float32", "iters": iters,
+           "time_s": med, "time_ratio_vs_cross_entropy": med["torch"] / med["cross_entropy"],
+           "peak_extra_bytes": mem, "logits_bytes": logits_bytes,
+           "memory_ratio_beyond_logits": max(0, mem["torch"] - logits_bytes)
+           / max(1, mem["cross_entropy"] - logits_bytes)}
+    ok = row["time_ratio_vs_cross_entropy"] <= 1.2 and row["memory_ratio_beyond_logits"] <= TARGET_MEMORY_FRACTION
+    row["verdict"] = "PASS" if ok else "FAIL (targets: <= 1.2x time, <= 0.25x memory beyond the logits)"
+    print(f"[CPU vs F.cross_entropy] N={n} V={vocab} fp32 fwd+bwd: time {med['torch'] * 1e3:.0f} ms vs "
+          f"{med['cross_entropy'] * 1e3:.0f} ms = {row['time_ratio_vs_cross_entropy']:.2f}x | LM head + loss peak "
+          f"{mem['torch'] / 2**20:.0f} vs {mem['cross_entropy'] / 2**20:.0f} MiB (logits {logits_bytes / 2**20:.0f} "
+          f"MiB), beyond the logits {row['memory_ratio_beyond_logits']:.3f}x | {row['verdict']}", flush=True)
+    return row
+
+
 def _rss_probe(impl: str, n: int, vocab: int) -> int:
     """Runs in a fresh subprocess: ru_maxrss growth (bytes) of one fwd+bwd after the inputs exist."""
     import resource
@@ -340,7 +517,7 @@ def _subprocess(expr: str, env: dict | None = None) -> object:
     return json.loads(line[2:])
 
 
-def bench_cpu(tokens: list[int], vocab: int) -> dict:
+def bench_cpu(tokens: list[int], vocab: int, iters: int = 5) -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1")  # triton reads it at import: hence a fresh process
     parity = _subprocess("b._parity_check()", env)
     ok = all(v["logprob_max_abs_err"] < 1e-4 and v["grad_max_abs_err"] < 1e-2 for k, v in parity.items()
@@ -369,13 +546,14 @@ def bench_cpu(tokens: list[int], vocab: int) -> dict:
             flush=True,
         )
         memory.append(row)
-    return {"parity": parity, "memory": memory}
+    return {"parity": parity, "memory": memory,
+            "logprobs": [bench_cpu_vs_cross_entropy(n, vocab, iters) for n in tokens]}
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, nargs="+", default=None,
-                   help="token counts (default 4096 16384 65536 on GPU, 128 1024 on CPU)")
+                   help="token counts (default 8192 16384 65536 on GPU, 128 1024 on CPU)")
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=1024, help="hidden size for the fused LM-head case (GPU)")
     p.add_argument("--groups", type=int, default=4096)
@@ -405,9 +583,9 @@ def main(argv: list[str] | None = None) -> dict:
         pass
     print(f"tapo_kernels bench on {report['machine']}", flush=True)
     if on_gpu:
-        report.update(bench_gpu(args.tokens or [4096, 16384, 65536], args.vocab, args.hidden, args.iters))
+        report.update(bench_gpu(args.tokens or [8192, 16384, 65536], args.vocab, args.hidden, args.iters))
     else:
-        report.update(bench_cpu(args.tokens or [128, 1024], args.vocab))
+        report.update(bench_cpu(args.tokens or [128, 1024], args.vocab, args.iters))
     report["grouped_advantage"] = bench_advantage(args.groups, device, args.iters)
     verdicts = [r["verdict"] for r in report.get("logprobs", [])] + [report["grouped_advantage"]["verdict"]]
     if "parity" in report:

@@ -1,5 +1,5 @@
-"""LM head + masked log-prob (+ entropy) fused, so the full ``[N, V]`` logits never exist. Benchmark-only for now
-(``tapo bench kernels``): the actor does not call it yet.
+"""LM head + masked log-prob (+ entropy) fused, so the full ``[N, V]`` logits never exist. The actor uses it with
+``model.logprobs_path=fused_linear`` (``training/logprobs.py``).
 
     fused_linear_logprobs(hidden [..., H], weight [V_local, H], targets [...], mask [...] | None, *,
                           temperature=1.0, return_entropy=False, token_chunk=2048, vocab_chunk=32768,
@@ -41,7 +41,7 @@ class _FusedLinearLogprobFn(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx, hidden, weight, targets, active, temperature, with_entropy, vocab_start, tp_group, backend,
-        token_chunk, vocab_chunk,
+        token_chunk, vocab_chunk, reduce_grad_hidden,
     ):
         n, v = hidden.shape[0], weight.shape[0]
         stats = torch.empty(5, n, dtype=torch.float32, device=hidden.device)
@@ -56,7 +56,8 @@ class _FusedLinearLogprobFn(torch.autograd.Function):
         stats = _allreduce_stats(stats, tp_group)
         logprobs, entropy, row_max, log_s = finish_stats(stats, targets, active)
         ctx.save_for_backward(hidden, weight, targets, active, row_max, log_s, entropy)
-        ctx.cfg = (temperature, with_entropy, vocab_start, tp_group, backend, token_chunk, vocab_chunk)
+        ctx.cfg = (temperature, with_entropy, vocab_start, tp_group, backend, token_chunk, vocab_chunk,
+                   reduce_grad_hidden)
         if not with_entropy:
             ctx.mark_non_differentiable(entropy)
         return logprobs, entropy
@@ -64,9 +65,9 @@ class _FusedLinearLogprobFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent):  # type: ignore[override]
         hidden, weight, targets, active, row_max, log_s, entropy = ctx.saved_tensors
-        temperature, with_entropy, vocab_start, tp_group, backend, token_chunk, vocab_chunk = ctx.cfg
+        temperature, with_entropy, vocab_start, tp_group, backend, token_chunk, vocab_chunk, reduce_h = ctx.cfg
         if g_lp is None and (g_ent is None or not with_entropy):
-            return (None,) * 11
+            return (None,) * 12
         g_lp = torch.zeros_like(log_s) if g_lp is None else g_lp.float().contiguous()
         g_ent = g_ent.float().contiguous() if (with_entropy and g_ent is not None) else None
         n, v = hidden.shape[0], weight.shape[0]
@@ -86,12 +87,12 @@ class _FusedLinearLogprobFn(torch.autograd.Function):
             if need_w:
                 grad_w[v0:v1] += (logits.T @ hidden[lo:hi]).float()
             del logits
-        if need_h and tp_group is not None and dist.get_world_size(tp_group) > 1:
+        if need_h and reduce_h and tp_group is not None and dist.get_world_size(tp_group) > 1:
             dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=tp_group)
         return (
             None if grad_h is None else grad_h.to(hidden.dtype),
             None if grad_w is None else grad_w.to(weight.dtype),
-        ) + (None,) * 9
+        ) + (None,) * 10
 
 
 def fused_linear_logprobs(
@@ -107,6 +108,7 @@ def fused_linear_logprobs(
     tp_group: dist.ProcessGroup | None = None,
     vocab_start: int | None = None,
     backend: str = "auto",
+    reduce_grad_hidden: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of ``targets`` under ``softmax(hidden @ weight.T / T)`` without materialising the logits.
 
@@ -117,6 +119,8 @@ def fused_linear_logprobs(
         temperature, return_entropy, backend: as in ``masked_logprobs``.
         token_chunk, vocab_chunk: tile size; peak extra memory ~ token_chunk * vocab_chunk * itemsize.
         tp_group, vocab_start: vocab-parallel form (vocab_start None = ``rank * V_local``).
+        reduce_grad_hidden: all-reduce ``grad_hidden`` over ``tp_group`` (replicated hidden states); False when the
+            caller's own op already sums it, e.g. a sequence-parallel all-gather whose backward reduce-scatters.
     Returns:
         logprobs ``[...]`` fp32, or ``(logprobs, entropy)``.
     """
@@ -140,7 +144,7 @@ def fused_linear_logprobs(
     active = None if mask is None else (mask.reshape(-1) != 0).to(torch.int8).contiguous()
     logprobs, entropy = _FusedLinearLogprobFn.apply(
         hidden2d, weight, targets1d, active, float(temperature), bool(return_entropy), int(vocab_start), tp_group,
-        backend, int(token_chunk), int(vocab_chunk),
+        backend, int(token_chunk), int(vocab_chunk), bool(reduce_grad_hidden),
     )
     logprobs = logprobs.reshape(targets.shape)
     if return_entropy:

@@ -51,6 +51,7 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
 
 _TORCH_CHUNK_ELEMS = 2**24  # default torch-backend chunk: fp32 temporaries of at most 64 MiB each
 _STATS_ROWS = 5  # rows of the per-token statistics tensor: m, s, t, z_target, owned
+_EXACT_ABOVE = 64.0  # torch backend: |log-sum-exp| above which z - lse is not exact enough in fp32 (ulp(64) ~ 8e-6)
 
 if _HAVE_TRITON:
 
@@ -174,25 +175,38 @@ def _local_stats(
             HAS_MASK=active is not None, WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=warps,
         )
         return out
+    # torch: the reference point is lse itself (m = lse, s = 1, t = sum p log p = -H), a valid form of the same
+    # statistics (merges rescale by exp(m - m')); logsumexp and the fused log-softmax are single vectorised passes.
     for lo in range(0, n, chunk_size):
         hi = min(lo + chunk_size, n)
-        z = logits[lo:hi].float() / temperature  # [C, Vl]: the only fp32 copy, one chunk at a time
-        m = z.amax(-1)
-        m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-        e = torch.exp(z - m_safe[:, None])
-        out[1, lo:hi] = e.sum(-1)
+        z = _scaled_fp32(logits[lo:hi], temperature)  # [C, Vl]: the only fp32 copy, one chunk at a time
+        lse = torch.logsumexp(z, -1)
+        out[0, lo:hi] = lse
+        out[1, lo:hi] = 1.0
         if with_entropy:
-            zc = torch.where(z == float("-inf"), torch.zeros_like(z), z - m_safe[:, None])
-            out[2, lo:hi] = (e * zc).sum(-1)
+            logp = z - lse[:, None]
+            out[2, lo:hi] = torch.linalg.vecdot(logp.exp(), logp)
+            del logp
         else:
             out[2, lo:hi] = 0.0
-        out[0, lo:hi] = m
+        # Rows where that is not exact enough: |lse| > _EXACT_ABOVE (z - lse would lose z's low bits, ~1e-3 at
+        # 1e4) or a NaN entropy sum (-inf logits: 0 * -inf). Redo them with the max as the reference point.
+        redo = (lse.abs() > _EXACT_ABOVE) | out[2, lo:hi].isnan()
+        if bool(redo.any()):
+            rows = redo.nonzero().squeeze(-1)
+            zr = z[rows]
+            m = zr.amax(-1)
+            m_safe = torch.where(m == float("-inf"), torch.zeros_like(m), m)
+            zc = torch.where(zr == float("-inf"), 0.0, zr - m_safe[:, None])
+            e = torch.exp(zr - m_safe[:, None])
+            out[0, lo + rows], out[1, lo + rows] = m, e.sum(-1)
+            out[2, lo + rows] = (e * zc).sum(-1) if with_entropy else 0.0
         local = targets[lo:hi] - vocab_start
         owned = (local >= 0) & (local < v)
         z_t = z.gather(-1, local.clamp(0, v - 1)[:, None]).squeeze(-1)
         out[3, lo:hi] = torch.where(owned, z_t, torch.zeros_like(z_t))
         out[4, lo:hi] = owned.float()
-        del z, e
+        del z
     if active is not None:
         act = active != 0
         out[0] = torch.where(act, out[0], 0.0)
@@ -234,21 +248,46 @@ def _local_grad(
         )
         return
     inv_t = 1.0 / temperature
-    cols = torch.arange(v, device=logits.device)
+    lse = row_max + log_s
+    exact = row_max.abs() > _EXACT_ABOVE  # rows whose log p needs (z - max) - log s (see _local_stats)
+    in_place = grad_out.data_ptr() == logits.data_ptr() and logits.dtype == torch.float32 and temperature == 1.0
     for lo in range(0, n, chunk_size):
         hi = min(lo + chunk_size, n)
-        logp = (logits[lo:hi].float() / temperature - row_max[lo:hi, None]) - log_s[lo:hi, None]  # [C, Vl]
-        p = logp.exp()
-        glp = g_lp[lo:hi, None] * inv_t
-        onehot = cols[None, :] == (targets[lo:hi, None] - vocab_start)
-        g = torch.where(onehot, glp, 0.0) - glp * p
-        if with_entropy:
-            pl = p * torch.where(logp == float("-inf"), 0.0, logp + ent[lo:hi, None])
-            g -= (g_ent[lo:hi, None] * inv_t) * pl
+        rows = hi - lo
+        # log p in one buffer (the gradient's own rows when it is the fp32 logits buffer: no temporary at all)
+        if in_place:
+            buf = torch.sub(logits[lo:hi], lse[lo:hi, None], out=grad_out[lo:hi])
+        else:
+            buf = _scaled_fp32(logits[lo:hi], temperature) - lse[lo:hi, None]
+        redo = exact[lo:hi].nonzero().squeeze(-1)
+        if redo.numel():
+            z = _scaled_fp32(logits[lo + redo], temperature)
+            buf[redo] = (z - row_max[lo + redo, None]) - log_s[lo + redo, None]
+        glp = g_lp[lo:hi] * inv_t
+        if with_entropy:  # g = -p (g_lp + g_H (log p + H)) / T
+            buf.clamp_(min=-1e30)  # -inf logits: p = 0 must not meet (log p + H) = -inf
+            p = buf.exp()
+            buf.add_(ent[lo:hi, None]).mul_((g_ent[lo:hi] * inv_t)[:, None]).add_(glp[:, None]).mul_(p).neg_()
+            del p
+        else:  # g = -p g_lp / T
+            buf.exp_().mul_(-glp[:, None])
+        local = targets[lo:hi] - vocab_start
+        owned = (local >= 0) & (local < v)
         if active is not None:
-            g = torch.where(active[lo:hi, None] != 0, g, 0.0)
-        grad_out[lo:hi] = g.to(grad_out.dtype)
-        del logp, p, g
+            owned &= active[lo:hi] != 0
+        idx = owned.nonzero().squeeze(-1)
+        buf[idx, local[idx]] += glp[idx]  # + g_lp / T at the target
+        if active is not None:
+            buf[active[lo:hi] == 0] = 0.0
+        if buf.data_ptr() != grad_out[lo:hi].data_ptr():
+            grad_out[lo:hi] = buf.to(grad_out.dtype)
+        del buf, rows
+
+
+def _scaled_fp32(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """x / T in fp32 (a copy unless x is fp32 and T = 1: then x itself, which callers only read)."""
+    z = x if x.dtype == torch.float32 else x.float()
+    return z if temperature == 1.0 else z * (1.0 / temperature)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ class TrainBatch:
     ref_logprobs: torch.Tensor | None = None  # float, reference-model log-probs when KL is on
     engine_logprobs: torch.Tensor | None = None  # float, engine log-probs on sampled tokens (0 elsewhere)
     teacher_prompts: list[list[int]] | None = None  # OPSD: per row, the teacher's context (reference solution)
+    seq_lengths: torch.Tensor | None = None  # long [B], tokens per row before padding (the actor trims to these)
 
     @property
     def num_sequences(self) -> int:

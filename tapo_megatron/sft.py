@@ -99,14 +99,18 @@ def length_buckets(pairs, batch_size: int, seed: int) -> list[list[int]]:
     return batches
 
 
-def collate_sft(pairs, pad_id: int) -> dict[str, torch.Tensor]:
-    seq_len = max(len(p) + len(r) for p, r in pairs)
+def collate_sft(pairs, pad_id: int, max_tokens: int = 0) -> dict[str, torch.Tensor]:
+    lengths = [len(p) + len(r) for p, r in pairs]
+    if max_tokens and max(lengths) > max_tokens:  # refused here, not as a failure inside the actor
+        raise DataError(f"an SFT example has {max(lengths)} tokens, over parallel.max_tokens_per_micro_batch="
+                        f"{max_tokens}; raise the budget or drop longer examples")
+    seq_len = max(lengths)
     tokens = torch.full((len(pairs), seq_len), pad_id, dtype=torch.long)
     mask = torch.zeros((len(pairs), seq_len))
     for i, (p, r) in enumerate(pairs):
         tokens[i, :len(p) + len(r)] = torch.tensor(p + r)
         mask[i, len(p):len(p) + len(r)] = 1.0
-    return {"tokens": tokens, "loss_mask": mask}
+    return {"tokens": tokens, "loss_mask": mask, "lengths": torch.tensor(lengths)}
 
 
 def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
@@ -117,7 +121,7 @@ def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
     ctx = setup_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                          cfg.seed, **shape.layout_dims())
     actor = MegatronActor(shape, ctx, cfg.sft.optimizer, cfg.parallel, cfg.model.params_dtype,
-                          cfg.model.kernel_backend)
+                          cfg.model.kernel_backend, cfg.model.logprobs_path, cfg.megatron)
     state = {"cursor": 0}
     if cfg.checkpoint.save and has_checkpoint(cfg.checkpoint.save):
         state = actor.load_checkpoint(cfg.checkpoint.save)
@@ -140,7 +144,7 @@ def run_sft(cfg: TrainConfig, on_step=None) -> MegatronActor:
             start = state["cursor"] % len(pairs)
             chunk = (pairs[start:] + pairs)[:gbs]
             state["cursor"] = start + gbs
-        tensors = collate_sft(chunk, tokenizer.pad_id)
+        tensors = collate_sft(chunk, tokenizer.pad_id, cfg.parallel.max_tokens_per_micro_batch)
         num_tokens = float(tensors["loss_mask"].sum())
         result = actor.train_step(tensors, lambda lp, mb: (sft_loss(lp, mb["loss_mask"], num_tokens), {}))
         if logger:

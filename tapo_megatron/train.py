@@ -6,8 +6,9 @@
 Run: ``tapo train --config recipe.yaml [section.field=value ...]`` (one process, or under torchrun for TP/PP/DP).
 
 Where this implementation departs from the paper (TAPO_SPEC), and why:
-- **One optimizer step per rollout batch.** The importance ratio is 1 at the step (old log-probs are the actor's own
-  forward before the update); the clip only matters once PPO mini-epochs exist.
+- **One optimizer step per rollout batch** by default: the importance ratio is 1, so the old log-probs and OTS inputs
+  are taken (detached) from the training forward itself, one forward per step; ``algorithm.ppo_epochs`` /
+  ``mini_batch_size`` reuse the batch for several steps (a separate old-log-prob pass, the clip engages).
 - **Each branch of the loss is a token mean over its own tokens** (``L_GRPO / N_orig + lambda * L_ref / N_cons``),
   so lambda = 0 is exactly GRPO; the paper does not say how the branches are normalised. ``tapo.branch_normalization
   =joint`` divides both by ``N_orig + lambda * N_cons`` instead (still exactly GRPO at lambda = 0), and
@@ -26,7 +27,6 @@ Where this implementation departs from the paper (TAPO_SPEC), and why:
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -36,6 +36,7 @@ from tapo_megatron.convert.api import export_hf
 from tapo_megatron.convert.checkpoints import has_checkpoint
 from tapo_megatron.data.stream import QueryStream
 from tapo_megatron.evaluation import evaluate_task
+from tapo_megatron.logging.timing import Stopwatch
 from tapo_megatron.logging.tracker import MetricsLogger
 from tapo_megatron.models.qwen3 import shape_from_config
 from tapo_megatron.parallel import ParallelContext, broadcast_object, setup_parallel
@@ -74,7 +75,8 @@ def start_actor(cfg: TrainConfig, shape, ctx) -> tuple[MegatronActor, ReferenceP
     """The actor with its starting weights, the KL reference (the weights the run started from, only when
     ``algorithm.kl_coef > 0``) and the resumed loop state: from ``checkpoint.load``, else from ``checkpoint.save``
     when a previous (killed) run left a checkpoint there; None for a fresh start."""
-    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype, cfg.model.kernel_backend)
+    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype, cfg.model.kernel_backend,
+                          cfg.model.logprobs_path, cfg.megatron)
     ck = cfg.checkpoint
     resume_from = ck.load or (ck.save if ck.save and has_checkpoint(ck.save) else "")
     if ck.pretrained_checkpoint and (not resume_from or cfg.algorithm.kl_coef > 0):
@@ -115,27 +117,34 @@ def train(cfg: TrainConfig) -> TrainResult:
                disable=not (ctx.is_main and cfg.logging.progress_bar))
     skipped, metrics = 0, {}
     for step in bar:
-        t0 = time.perf_counter()
+        watch = Stopwatch()  # time/generate, reward, build, logprobs, train, sync (time/rollout: the first three)
         queries = stream.next_batch(cfg.rollout.rollout_batch_size)
         built = None
         if ctx.is_main:
             params = rollout_sampling(cfg.rollout, task.tokenizer.eos_id, seed=cfg.seed * 100_003 + step)
             rollouts = sample_groups(engine, queries, cfg.rollout.n_samples_per_prompt, params, task.tokenizer)  # (1)
+            watch.lap("generate")
             score_rollouts(rollouts, queries, task.reward)                                                     # (2)
+            watch.lap("reward")
             built = builder.build(queries, rollouts, step)                                                     # (3)
             built.metrics.update(rollout_metrics(rollouts))
-        t_rollout = time.perf_counter() - t0
+            watch.lap("build")
+        t_rollout = watch.total()
         built = broadcast_object(built, ctx)
         metrics = dict(built.metrics)
         if built.trajectories:
-            batch = collate(built.trajectories, task.tokenizer.pad_id, cfg.tapo.train_constructed_prefix)    # (4)
+            batch = collate(built.trajectories, task.tokenizer.pad_id, cfg.tapo.train_constructed_prefix,    # (4)
+                            cfg.parallel.max_tokens_per_micro_batch)
             attach_teacher_prompts(batch, built.trajectories, queries, task, cfg.algorithm)  # OPSD baseline only
+            watch.lap()  # broadcast + collate: within time/step only; policy_step times log-probs and train itself
             step_metrics, skipped = policy_step(actor, batch, cfg.algorithm, cfg.tapo, reference, skipped)    # (5)
             metrics.update(step_metrics)
         else:
             actor.skip_step()  # nothing carried signal this step: no update, but the step is consumed
+        watch.lap()
         metrics.update(push_weights(weight_sync, cfg.rollout, actor, engine, probes))                         # (6)
-        metrics.update({"time/rollout": t_rollout, "time/step": time.perf_counter() - t0})
+        watch.lap("sync")
+        metrics.update({**watch.times, "time/rollout": t_rollout, "time/step": watch.total()})
         if ctx.is_main:
             if cfg.eval_interval and (step + 1) % cfg.eval_interval == 0:
                 metrics.update(evaluate_task(engine, task, n_samples=cfg.data.eval_samples,

@@ -22,7 +22,8 @@ TINY = {"vocab_size": 20, "hidden_size": 32, "intermediate_size": 64, "num_hidde
 def main(out: str, kill_at: int | None) -> None:
     torch.set_num_threads(1)
     cfg = load_config(None, [f"model.hf_config={TINY}", "sft.train_iters=4", "sft.global_batch_size=8",
-                             "parallel.micro_batch_size=4", "sft.optimizer.lr=3e-3", f"checkpoint.save={out}/ckpt",
+                             "parallel.micro_batch_size=4", "parallel.max_tokens_per_micro_batch=160",
+                             "sft.optimizer.lr=3e-3", f"checkpoint.save={out}/ckpt",
                              "checkpoint.save_interval=1", f"logging.output_dir={out}/logs",
                              "logging.wandb_mode=disabled", "logging.progress_bar=false"])
 

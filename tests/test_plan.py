@@ -39,7 +39,7 @@ def test_qwen3_8b_figures():
         + 2 * 151936 * 4096 // 2
     assert plan.params_per_gpu == per_gpu
     assert plan.params_gb == pytest.approx(per_gpu * 2 / GB)  # bf16
-    assert plan.grads_gb == pytest.approx(per_gpu * 4 / GB)  # fp32 grad buffer
+    assert plan.grads_gb == pytest.approx(per_gpu * 2 / GB)  # bf16 grad buffer (Megatron's default, TE on GPU)
     assert plan.optimizer_gb == pytest.approx(per_gpu * 12 / 4 / GB)  # fp32 main + m + v, sharded over DP=4
     assert plan.engine_weights_gb == pytest.approx(total * 2 / 2 / GB)
     seq = 1024 + 8192
@@ -65,10 +65,22 @@ def test_memory_terms_small_layout_by_hand():
     assert stage_parameters(shape, 2, 2) == body + 64 + 1000 * 64 // 2
     assert plan.optimizer_gb == pytest.approx(plan.params_per_gpu * 8 / 2 / GB)  # fp32: m + v only, DP 2
     tokens = 3 * 32
-    per_token_layer = 4 * 64 + (2 * (4 + 4) * 16 + 4 * 16) / 2 + 3 * 128 / 2
+    # TP 2 on GPU: sequence parallel shards the h-wide tensors too
+    per_token_layer = 4 * 64 / 2 + (2 * (4 + 4) * 16 + 4 * 16) / 2 + 3 * 128 / 2
     assert plan.activations_gb == pytest.approx(4 * tokens * per_token_layer * 4 / GB)
-    assert plan.logits_gb == pytest.approx(tokens * 500 * 8 / GB)
+    assert plan.logits_gb == pytest.approx(tokens * 500 * 4 / GB)  # fp32 logits, gradient in place
     assert plan.sequences_per_engine == 4  # 32 rollouts over 8 engines
+    # a packed token budget, full recompute, no SP, fp32 grad reduce and the fused log-prob path
+    cfg.parallel.max_tokens_per_micro_batch = 200
+    cfg.megatron = {"sequence_parallel": False, "recompute_granularity": "full", "grad_reduce_in_fp32": True}
+    cfg.model.logprobs_path = "fused_linear"
+    plan = make_plan(cfg, shape, 1, 8)
+    assert plan.activations_gb == pytest.approx(4 * 200 * 64 * 4 / GB)  # only each layer's input
+    assert plan.logits_gb == pytest.approx(2048 * 500 * 8 / GB)  # one tile, not [tokens, V]
+    assert plan.grads_gb == pytest.approx(plan.params_per_gpu * 4 / GB)
+    cfg.megatron = {"recompute_granularity": "selective", "recompute_modules": ["mlp"]}
+    plan = make_plan(cfg, shape, 1, 8)
+    assert plan.activations_gb == pytest.approx(4 * 200 * (4 * 64 / 2 + (2 * 8 * 16 + 4 * 16) / 2) * 4 / GB)
 
 
 def test_refuses_what_does_not_fit():

@@ -1,10 +1,11 @@
-"""``tapo bench kernels | sync | engine | rewards``: each prints its figures next to a baseline measured in the same run."""
+"""``tapo bench kernels | sync | engine | rewards | train``: each prints its figures next to a baseline measured in the
+same run."""
 import argparse
 
 
 def add_parser(sub):
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("what", choices=["kernels", "sync", "engine", "rewards"])
+    bench.add_argument("what", choices=["kernels", "sync", "engine", "rewards", "train"])
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return bench
 
@@ -22,6 +23,10 @@ def run(args) -> None:
         from tapo_megatron.training.weight_sync import bench as sync_bench
 
         sync_bench.main(args.rest)
+    elif args.what == "train":
+        from tapo_megatron.training import bench as train_bench
+
+        train_bench.main(args.rest)
     else:
         from tapo_kernels import bench as kernel_bench
 

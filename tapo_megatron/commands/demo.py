@@ -129,7 +129,8 @@ def evaluate_checkpoint(cfg, ckpt: Path, path: Path) -> dict:
     task = build_task(cfg.data, cfg.model, cfg.seed)
     ctx = setup_parallel(cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size,
                          cfg.seed, **shape.layout_dims())
-    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype, cfg.model.kernel_backend)
+    actor = MegatronActor(shape, ctx, cfg.optimizer, cfg.parallel, cfg.model.params_dtype, cfg.model.kernel_backend,
+                          cfg.model.logprobs_path, cfg.megatron)
     actor.load_model_weights(ckpt)
     engine = build_engine(cfg.rollout, shape, cfg.seed)
     sync_weights(actor, engine, 0, 2**26)

@@ -26,6 +26,9 @@ class ModelConfig:
     tokenizer: str = ""  # "qwen3" (shipped), a local tokenizer dir, or empty: the task's own (arithmetic)
     params_dtype: str = "float32"  # float32 | bfloat16
     kernel_backend: str = "auto"  # log-prob/entropy/advantage kernels: auto (Triton on CUDA, torch on CPU) | triton | torch
+    # logits: output layer then the log-prob kernel on [T, V/tp] logits; fused_linear: the LM-head GEMM fused into
+    # the log-prob, chunked over tokens ([T, V] logits never exist)
+    logprobs_path: str = "logits"
 
 
 @dataclass
@@ -49,8 +52,12 @@ class DataConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    micro_batch_size: int = 64  # sequences per forward/backward micro-batch
+    micro_batch_size: int = 64  # sequences per forward/backward micro-batch (when no token budget is set)
     use_distributed_optimizer: bool = True
+    # Token budget per micro-batch (rows x longest row <= budget; 0: micro_batch_size rows). A trajectory longer
+    # than the budget is refused at collate time with its query id.
+    max_tokens_per_micro_batch: int = 0
+    packed_sequences: bool = True  # THD packing (cu_seqlens) when the Transformer Engine spec is in use (GPU)
 
 
 @dataclass
@@ -111,6 +118,11 @@ class AlgorithmConfig:
     # the per-token log-ratio log pi(y_t | teacher context) - log pi(y_t | x), the teacher being the same model
     # conditioned on the reference solution (training/distill.py). "none": reward advantages (GRPO / TAPO).
     distillation: str = "none"
+    # PPO reuse of a rollout batch: ppo_epochs passes over it, each in mini-batches of mini_batch_size trajectories
+    # (0: the whole batch). With 1 epoch of 1 mini-batch (the default) the step is on-policy: old log-probs and OTS
+    # inputs come detached from the training forward, and no separate old-log-prob pass runs.
+    ppo_epochs: int = 1
+    mini_batch_size: int = 0
 
 
 @dataclass
@@ -237,6 +249,9 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # Megatron-Core's own field names (TransformerConfig, OptimizerConfig, DistributedDataParallelConfig), passed
+    # through to the actor: recompute_granularity, attention_backend, overlap_grad_reduce... (models/megatron_args.py)
+    megatron: dict = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
         if self.rollout.n_samples_per_prompt < 2:
@@ -285,6 +300,16 @@ class TrainConfig:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"):
             if getattr(self.parallel, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
+        if self.parallel.max_tokens_per_micro_batch < 0:
+            raise ConfigError("parallel.max_tokens_per_micro_batch must be >= 0 (0: no token budget)")
+        if self.model.logprobs_path not in ("logits", "fused_linear"):
+            raise ConfigError(f"model.logprobs_path={self.model.logprobs_path!r}: expected logits or fused_linear")
+        if self.algorithm.ppo_epochs < 1 or self.algorithm.mini_batch_size < 0:
+            raise ConfigError("algorithm.ppo_epochs must be >= 1 and algorithm.mini_batch_size >= 0")
+        if self.megatron:
+            from tapo_megatron.models.megatron_args import split_megatron_args
+
+            split_megatron_args(self.megatron)
         if self.checkpoint.export_hf and not self.checkpoint.save:
             raise ConfigError("checkpoint.export_hf needs checkpoint.save: the export is made from the final checkpoint")
         self._check_ranges()

@@ -11,9 +11,13 @@ for the two engine placements (``launch.engine_placement``): ``colocated`` (engi
 releases its weights and KV cache while the trainer runs, the trainer's weights, grads and optimizer stay resident)
 and ``separate`` (the first ``launch.engine_nodes`` nodes form the engine pool).
 
-Estimates assume the GPU container's Transformer Engine layer spec (flash attention: no S x S score matrix), no
-activation recomputation and no sequence parallelism, i.e. what ``training/actor.py`` builds; grads are reduced in
-fp32 (``grad_reduce_in_fp32=True`` in the actor). Sizes are in GB = 1e9 bytes.
+Estimates assume the GPU container's Transformer Engine layer spec (flash/fused attention: no S x S score matrix) and
+what ``training/actor.py`` builds there: ``models.megatron_args.speed_defaults`` (sequence parallelism with TP > 1,
+grads reduced in the param dtype) under the recipe's ``megatron:`` section (``recompute_granularity`` full or
+selective with ``recompute_modules``, ``sequence_parallel``, ``grad_reduce_in_fp32``); micro-batches of
+``parallel.max_tokens_per_micro_batch`` packed tokens when set (THD packing: no padding), else
+``micro_batch_size`` rows of the longest sequence; logits with their in-place gradient (``model.logprobs_path=
+logits``) or one tile (``fused_linear``). Sizes are in GB = 1e9 bytes.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from tapo_megatron.errors import ConfigError
 
 from tapo_megatron.config import TrainConfig
+from tapo_megatron.models.megatron_args import merged, speed_defaults, split_megatron_args
 from tapo_megatron.models.qwen3 import Qwen3Shape, check_parallel
 from tapo_megatron.parallel import ParallelConfigError
 
@@ -123,13 +128,21 @@ def stage_parameters(shape: Qwen3Shape, tp: int, pp: int) -> int:
     return max(first, last) if pp > 1 else last
 
 
-def _activation_elements_per_token_layer(shape: Qwen3Shape, tp: int) -> float:
-    """Elements one transformer layer keeps per token for backward (TE spec, flash attention, no SP)."""
+def _activation_elements_per_token_layer(shape: Qwen3Shape, tp: int, sequence_parallel: bool = False,
+                                         recompute: str | None = None, recompute_modules=("core_attn",)) -> float:
+    """Elements one transformer layer keeps per token for backward (TE spec, flash attention).
+
+    Sequence parallelism shards the h-wide tensors over TP; ``recompute="full"`` keeps only the layer input;
+    ``selective`` drops the listed modules' inner activations (core_attn holds none with flash attention)."""
     h, d, i = shape.hidden_size, shape.head_dim, shape.intermediate_size
     nq, nkv = shape.num_attention_heads, shape.num_key_value_heads
-    replicated = 4 * h  # input-norm in/out, residual, pre-MLP norm in/out share ~4 h-wide tensors
+    sp = tp if sequence_parallel else 1
+    if recompute == "full":
+        return h / sp
+    modules = set(recompute_modules or ()) if recompute == "selective" else set()
+    replicated = (2 if "layernorm" in modules else 4) * h / sp  # norm in/out, residual: ~4 h-wide tensors
     attention = (2 * (nq + 2 * nkv) * d + nq * d) / tp  # q,k,v before and after qk-norm/RoPE; attention output
-    mlp = 3 * i / tp  # fc1 output (gate and up, 2 i), SwiGLU output (i)
+    mlp = 0 if "mlp" in modules else 3 * i / tp  # fc1 output (gate and up, 2 i), SwiGLU output (i)
     return replicated + attention + mlp
 
 
@@ -171,6 +184,8 @@ def make_plan(cfg: TrainConfig, shape: Qwen3Shape, nodes: int, gpus_per_node: in
         raise PlanError(f"launch.engine_tp={lo.engine_tp} does not divide num_attention_heads="
                         f"{shape.num_attention_heads}")
     la, p, ro = cfg.launch, cfg.parallel, cfg.rollout
+    mg = merged(speed_defaults(lo.tp, gpu_with_te=True), split_megatron_args(cfg.megatron))
+    tcfg = mg["transformer"]
     bf16 = cfg.model.params_dtype == "bfloat16"
     n = shape.num_parameters()
     per_gpu = stage_parameters(shape, lo.tp, lo.pp)
@@ -179,16 +194,23 @@ def make_plan(cfg: TrainConfig, shape: Qwen3Shape, nodes: int, gpus_per_node: in
     opt_bytes = (12 if bf16 else 8) / (lo.dp if p.use_distributed_optimizer else 1)
     response = max(ro.max_new_tokens, cfg.tapo.max_spliced_tokens if cfg.tapo.enabled else 0)
     seq = la.max_prompt_tokens + response
-    tokens = p.micro_batch_size * seq
+    tokens = p.max_tokens_per_micro_batch or p.micro_batch_size * seq  # packed budget, or padded rows
     layers_in_flight = (shape.num_hidden_layers // lo.pp) * lo.pp  # 1F1B: stage 0 holds PP micro-batches
-    activations = layers_in_flight * tokens * _activation_elements_per_token_layer(shape, lo.tp) * param_bytes
-    logits = tokens * (shape.vocab_size / lo.tp) * (param_bytes + 4)  # logits + their fp32 gradient
+    per_token_layer = _activation_elements_per_token_layer(
+        shape, lo.tp, tcfg.get("sequence_parallel", False), tcfg.get("recompute_granularity"),
+        tcfg.get("recompute_modules") or ("core_attn",))
+    activations = layers_in_flight * tokens * per_token_layer * param_bytes
+    if cfg.model.logprobs_path == "fused_linear":  # one [2048, 32768] tile and its gradient
+        logits = 2048 * min(32768, shape.vocab_size / lo.tp) * (param_bytes + 4)
+    else:  # the logits; their gradient is written in place (training/logprobs.py)
+        logits = tokens * (shape.vocab_size / lo.tp) * param_bytes
+    grad_bytes = 4 if mg["ddp"].get("grad_reduce_in_fp32", False) else param_bytes
     engine_weights = n * 2 / lo.engine_tp  # SGLang serves bf16
     kv_heads_per_gpu = math.ceil(shape.num_key_value_heads / lo.engine_tp)
     kv_per_token = 2 * shape.num_hidden_layers * kv_heads_per_gpu * shape.head_dim * 2  # K and V, bf16
     seqs_per_engine = math.ceil(ro.rollout_batch_size * ro.n_samples_per_prompt / lo.num_engines)
     kv_needed = seqs_per_engine * (la.max_prompt_tokens + ro.max_new_tokens) * kv_per_token
-    static = per_gpu * (param_bytes + 4 + opt_bytes)  # params, fp32 grads, optimizer
+    static = per_gpu * (param_bytes + grad_bytes + opt_bytes)  # params, grads, optimizer
     total = la.gpu_memory_gb * GB
     reserved = la.reserved_gb * GB
     if lo.placement == "colocated":
@@ -202,7 +224,7 @@ def make_plan(cfg: TrainConfig, shape: Qwen3Shape, nodes: int, gpus_per_node: in
         engine_peak = total * la.engine_mem_fraction + reserved
     plan = MemoryPlan(
         layout=lo, num_parameters=n, params_per_gpu=per_gpu, params_gb=per_gpu * param_bytes / GB,
-        grads_gb=per_gpu * 4 / GB, optimizer_gb=per_gpu * opt_bytes / GB, activations_gb=activations / GB,
+        grads_gb=per_gpu * grad_bytes / GB, optimizer_gb=per_gpu * opt_bytes / GB, activations_gb=activations / GB,
         logits_gb=logits / GB, engine_weights_gb=engine_weights / GB, kv_cache_needed_gb=kv_needed / GB,
         kv_cache_available_gb=max(kv_available, 0.0) / GB, reserved_gb=reserved / GB,
         trainer_peak_gb=trainer_peak / GB, engine_peak_gb=engine_peak / GB, gpu_memory_gb=la.gpu_memory_gb,
@@ -223,7 +245,8 @@ def check_plan(plan: MemoryPlan) -> MemoryPlan:
     if plan.trainer_peak_gb > cap:
         top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(terms.items(), key=lambda kv: -kv[1])[:3])
         raise PlanError(f"does not fit: a trainer GPU needs {plan.trainer_peak_gb:.1f} GB > {cap:.0f} GB "
-                        f"(largest: {top} GB); raise TP/PP/DP, lower parallel.micro_batch_size or add nodes")
+                        f"(largest: {top} GB); raise TP/PP/DP, lower parallel.micro_batch_size / "
+                        "max_tokens_per_micro_batch or add nodes")
     one_seq = plan.kv_cache_needed_gb / max(1, plan.sequences_per_engine)
     if plan.kv_cache_available_gb < one_seq:
         raise PlanError(f"does not fit: the rollout engine has {plan.kv_cache_available_gb:.1f} GB for its KV cache "

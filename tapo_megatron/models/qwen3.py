@@ -115,12 +115,14 @@ def have_transformer_engine() -> bool:
     return bool(HAVE_TE) and is_gpu()
 
 
-def transformer_config(shape: Qwen3Shape, ctx: ParallelContext, dtype: torch.dtype = torch.float32):
-    """The Megatron ``TransformerConfig`` for a Qwen3 shape on this layout."""
+def transformer_config(shape: Qwen3Shape, ctx: ParallelContext, dtype: torch.dtype = torch.float32,
+                       overrides: dict | None = None):
+    """The Megatron ``TransformerConfig`` for a Qwen3 shape on this layout; ``overrides`` (validated
+    ``megatron:`` fields and ``megatron_args.speed_defaults``) go on top."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     gpu = is_gpu()
-    return TransformerConfig(
+    kwargs = dict(
         num_layers=shape.num_hidden_layers,
         hidden_size=shape.hidden_size,
         ffn_hidden_size=shape.intermediate_size,
@@ -142,7 +144,7 @@ def transformer_config(shape: Qwen3Shape, ctx: ParallelContext, dtype: torch.dty
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
-        # Fusions that need apex/TE or CUDA: off unless on GPU with TE.
+        # Fusions that need apex/TE or CUDA: off here; megatron_args.speed_defaults turns them on with TE on GPU.
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -152,11 +154,17 @@ def transformer_config(shape: Qwen3Shape, ctx: ParallelContext, dtype: torch.dty
         use_cpu_initialization=not gpu,
         batch_p2p_sync=gpu,
         deallocate_pipeline_outputs=False,
+        # micro-batches are trimmed to their own longest row, so stages exchange shapes with each activation
+        variable_seq_lengths=ctx.pp_size > 1,
+        moe_token_dispatcher_type="alltoall",  # dense model: unused, but the default one refuses variable lengths
     )
+    return TransformerConfig(**{**kwargs, **(overrides or {})})
 
 
-def build_qwen3(shape: Qwen3Shape, ctx: ParallelContext, dtype: torch.dtype = torch.float32):
-    """Build this rank's stage of a Qwen3 ``GPTModel`` (random init; load weights with a checkpoint or converter)."""
+def build_qwen3(shape: Qwen3Shape, ctx: ParallelContext, dtype: torch.dtype = torch.float32,
+                overrides: dict | None = None):
+    """Build this rank's stage of a Qwen3 ``GPTModel`` (random init; load weights with a checkpoint or converter).
+    ``overrides``: extra ``TransformerConfig`` fields (see ``transformer_config``)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -164,7 +172,7 @@ def build_qwen3(shape: Qwen3Shape, ctx: ParallelContext, dtype: torch.dtype = to
     )
 
     check_parallel(shape, ctx.tp_size, ctx.pp_size, ctx.world_size)
-    config = transformer_config(shape, ctx, dtype)
+    config = transformer_config(shape, ctx, dtype, overrides)
     if have_transformer_engine():
         spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
     else:

@@ -1,11 +1,13 @@
 """The policy actor: a Qwen3 ``GPTModel`` under Megatron DDP + DistributedOptimizer, any TP x PP x DP layout.
 
     actor = MegatronActor(shape, ctx, optim_cfg, parallel_cfg)
-    logprobs, entropy = actor.compute_logprobs(tokens)            # [B, T] each, on every rank
-    metrics = actor.train_step(batch, loss_fn)                      # one optimizer step on the global batch
+    logprobs, entropy = actor.compute_logprobs(tokens, lengths=lengths)   # [B, T] each, on every rank
+    result = actor.train_step(tensors, loss_fn)                            # one optimizer step on the global batch
     actor.save_checkpoint(dir, state); actor.load_checkpoint(dir)
 
-Every method takes the GLOBAL batch (identical on all ranks) and slices this rank's data-parallel shard itself, so
+Every method takes the GLOBAL batch (identical on all ranks) and picks this rank's rows itself
+(``training/microbatch.py``: rows balanced by length over DP ranks, micro-batches by ``micro_batch_size`` or the
+``max_tokens_per_micro_batch`` budget, each trimmed to its longest row, packed as THD under Transformer Engine), so
 a loss normalised by global token counts is exact under any DP size and micro-batching. Token-aligned tensors
 follow records.py: entry t refers to token t; position 0 has no log-prob (0).
 """
@@ -29,9 +31,11 @@ from tapo_megatron.convert.checkpoints import (MANIFEST_FILE, STATE_FILE, checkp
                                                file_digest, fsync_path, iter_name, publish_checkpoint,
                                                resolve_checkpoint, verify_entries, write_manifest)
 from tapo_megatron.errors import CheckpointError, TapoError
-from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3
+from tapo_megatron.models.megatron_args import merged, speed_defaults, split_megatron_args
+from tapo_megatron.models.qwen3 import Qwen3Shape, build_qwen3, have_transformer_engine
 from tapo_megatron.parallel import ParallelContext, any_rank, broadcast_object
-from tapo_megatron.training.logprobs import vocab_parallel_logprobs_and_entropy
+from tapo_megatron.training.logprobs import LOGPROB_PATHS, token_logprobs
+from tapo_megatron.training.microbatch import MicroBatchPlan, pack_rows, plan_micro_batches
 
 
 # loss_fn(logprobs [mb, T], micro_batch: dict[str, Tensor]) -> (loss, metrics). The loss must already be
@@ -72,6 +76,13 @@ class StepResult:
     grad_norm: float
     lr: float
     metrics: dict
+    logprobs: torch.Tensor | None = None  # [B, T] detached, from the training forward (``return_logprobs``)
+    entropy: torch.Tensor | None = None
+
+
+def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad dim 1 with zeros to ``width`` (padding never reaches the loss: its mask is 0)."""
+    return t if t.shape[1] >= width else torch.cat([t, t.new_zeros((t.shape[0], width - t.shape[1], *t.shape[2:]))], 1)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -80,7 +91,8 @@ def _dtype(name: str) -> torch.dtype:
 
 class MegatronActor:
     def __init__(self, shape: Qwen3Shape, ctx: ParallelContext, optim: OptimizerConfig,
-                 parallel: ParallelConfig, params_dtype: str = "float32", kernel_backend: str = "auto"):
+                 parallel: ParallelConfig, params_dtype: str = "float32", kernel_backend: str = "auto",
+                 logprobs_path: str = "logits", megatron: dict | None = None):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
@@ -89,10 +101,17 @@ class MegatronActor:
         self.shape, self.ctx, self.optim_cfg, self.parallel_cfg = shape, ctx, optim, parallel
         self.dtype = _dtype(params_dtype)
         self.kernel_backend = kernel_backend
-        module = build_qwen3(shape, ctx, self.dtype)
+        if logprobs_path not in LOGPROB_PATHS:
+            raise ValueError(f"logprobs_path={logprobs_path!r}: expected one of {', '.join(LOGPROB_PATHS)}")
+        self.logprobs_path = logprobs_path
+        # THD packing needs Transformer Engine's attention (the local spec's attention refuses packed_seq_params)
+        self.packed_sequences = parallel.packed_sequences and have_transformer_engine()
+        # Megatron's own fields: our speed defaults (TE on GPU), then the validated ``megatron:`` section
+        args = merged(speed_defaults(ctx.tp_size, have_transformer_engine()), split_megatron_args(megatron or {}))
+        module = build_qwen3(shape, ctx, self.dtype, args["transformer"])
         self.config = module.config
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=parallel.use_distributed_optimizer)
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=parallel.use_distributed_optimizer,
+                                                   **args["ddp"])
         self.model = DistributedDataParallel(config=self.config, ddp_config=ddp_config, module=module)
         # Without this, DP gradients are silently never reduced (STACK_NOTES).
         self.config.finalize_model_grads_func = finalize_model_grads
@@ -102,7 +121,7 @@ class MegatronActor:
                 optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
                 adam_beta1=optim.adam_beta1, adam_beta2=optim.adam_beta2, adam_eps=optim.adam_eps,
                 clip_grad=optim.clip_grad, bf16=self.dtype == torch.bfloat16, params_dtype=self.dtype,
-                use_distributed_optimizer=parallel.use_distributed_optimizer),
+                use_distributed_optimizer=parallel.use_distributed_optimizer, **args["optimizer"]),
             [self.model])
         self.iteration = 0
         self.preempted = False  # set by run_sft when a stop signal ended the run early
@@ -124,43 +143,73 @@ class MegatronActor:
         progress = min(1.0, (iteration - o.lr_warmup_iters) / max(1, o.lr_decay_iters - o.lr_warmup_iters))
         return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
 
-    def _dp_shard(self, tensors: dict[str, torch.Tensor], batch_size: int) -> tuple[dict, int]:
-        """Pad the global batch to a multiple of dp x micro_batch_size, return this DP rank's contiguous shard."""
-        dp, mbs = self.ctx.dp_size, self.parallel_cfg.micro_batch_size
-        per_rank = math.ceil(batch_size / dp)
-        per_rank = math.ceil(per_rank / mbs) * mbs if per_rank > mbs else per_rank
-        padded = per_rank * dp
-        out = {}
-        for name, t in tensors.items():
-            if t is None:
-                continue
-            if padded > batch_size:  # padding rows are all-zero: loss_mask 0, so they never reach the loss
-                t = torch.cat([t, t.new_zeros((padded - batch_size, *t.shape[1:]))])
-            out[name] = t[self.ctx.dp_rank * per_rank:(self.ctx.dp_rank + 1) * per_rank]
-        return out, per_rank
-
-    def _micro_batches(self, shard: dict, rows: int) -> list[dict]:
-        mbs = min(self.parallel_cfg.micro_batch_size, rows)
-        return [{k: v[i:i + mbs] for k, v in shard.items()} for i in range(0, rows, mbs)]
+    def _plan(self, tensors: dict[str, torch.Tensor]) -> tuple[MicroBatchPlan, list[dict]]:
+        """The global plan (identical on every rank) and this DP rank's micro-batches, each trimmed to its longest
+        row. ``tensors["lengths"]`` [B] (tokens per row, padding excluded) enables trimming; without it every row
+        counts as full length."""
+        tensors = dict(tensors)
+        lengths = tensors.pop("lengths", None)
+        batch_size, seq_len = tensors["tokens"].shape
+        lengths = [seq_len] * batch_size if lengths is None else [int(n) for n in lengths]
+        plan = plan_micro_batches(lengths, self.ctx.dp_size, self.parallel_cfg.micro_batch_size,
+                                  self.parallel_cfg.max_tokens_per_micro_batch)
+        # sequence parallelism splits the sequence over TP ranks: widths (unpacked) must divide by TP
+        multiple = self.ctx.tp_size if self.config.sequence_parallel and not self.packed_sequences else 1
+        micro_batches = []
+        for mb in plan.ranks[self.ctx.dp_rank]:
+            if mb.rows:
+                idx, width = torch.tensor(mb.rows), -(-mb.seq_len // multiple) * multiple
+                part = {k: _pad_to(v[idx, :width], width) for k, v in tensors.items() if v is not None}
+            else:  # a rank without rows runs one all-padding row (loss mask 0) so the schedule and DDP still run
+                part = {k: v.new_zeros((1, 1, *v.shape[2:])) for k, v in tensors.items() if v is not None}
+            part["rows"], part["lengths"] = mb.rows, [lengths[i] for i in mb.rows] or [1]
+            micro_batches.append(part)
+        return plan, micro_batches
 
     def _forward_backward(self, micro_batches: list[dict], loss_fn: Callable, forward_only: bool,
                           temperature: float = 1.0, with_entropy: bool = False) -> list[dict]:
+        from megatron.core.packed_seq_params import PackedSeqParams
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         num_mb = len(micro_batches)
         scale = num_mb * self.ctx.dp_size  # undo the schedule's 1/num_microbatches and DDP's 1/dp averaging
-        seq_len = micro_batches[0]["tokens"].shape[1]
+        fused = self.logprobs_path == "fused_linear"
+        tp_multiple = self.ctx.tp_size if self.config.sequence_parallel else 1
+
+        def output_processor(hidden_states, output_layer, output_weight, runtime_gather_output, context, **_):
+            """Megatron's post-process hook: hand back the sequence-first [s, b, *] output (GPTModel's own path
+            ends in a [b, s, V] transpose copy); the fused path keeps the hidden states and the output weight."""
+            if not fused:
+                return output_layer(hidden_states, weight=output_weight,
+                                    runtime_gather_output=runtime_gather_output)[0]
+            context["weight"] = output_weight if output_weight is not None else output_layer.weight
+            if output_layer.sequence_parallel:  # the layer would all-gather its input; its backward reduce-scatters
+                from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+                hidden_states = gather_from_sequence_parallel_region(hidden_states, group=self.ctx.tp_group)
+                context["grad_reduced"] = True
+            return hidden_states
 
         def forward_step(data_iterator, model):
             mb = next(data_iterator)
             tokens = mb["tokens"].to(self.ctx.device)
-            position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-            output = model(tokens, position_ids, None)
+            lengths, packed, context = mb["lengths"], None, {}
+            if self.packed_sequences:
+                tokens_in, position_ids, cu = pack_rows(tokens, lengths, multiple=tp_multiple)
+                packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                         max_seqlen_q=max(lengths), max_seqlen_kv=max(lengths))
+            else:
+                tokens_in = tokens
+                position_ids = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+            output = model(tokens_in, position_ids, None, packed_seq_params=packed,
+                           output_processor=output_processor, output_processor_context=context)
 
-            def loss_func(logits):
-                logprobs, entropy = vocab_parallel_logprobs_and_entropy(
-                    logits, tokens, self.ctx.tp_group, temperature=temperature, with_entropy=with_entropy,
-                    backend=self.kernel_backend)
+            def loss_func(output):
+                logprobs, entropy = token_logprobs(
+                    output, tokens_in if packed else tokens, lengths, self.ctx.tp_group, temperature=temperature,
+                    with_entropy=with_entropy, backend=self.kernel_backend, output_weight=context.get("weight"),
+                    reduce_grad_hidden=not context.get("grad_reduced", False), inplace_backward=not forward_only,
+                    cu_seqlens=packed.cu_seqlens_q[:len(lengths) + 1] if packed else None, seq_len=tokens.shape[1])
                 loss, metrics = loss_fn(logprobs, entropy, mb)
                 return loss * scale, metrics
 
@@ -168,8 +217,21 @@ class MegatronActor:
 
         fb = get_forward_backward_func()
         return fb(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=[self.model],
-                  num_microbatches=num_mb, seq_length=seq_len, micro_batch_size=micro_batches[0]["tokens"].shape[0],
-                  forward_only=forward_only)
+                  num_microbatches=num_mb, seq_length=max(m["tokens"].shape[1] for m in micro_batches),
+                  micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=forward_only)
+
+    def _assemble(self, parts: list[tuple[list[int], torch.Tensor]], shape) -> torch.Tensor:
+        """[B, T] on every rank from this rank's per-micro-batch [rows, len] pieces (last stage; rows disjoint
+        across DP ranks, so a SUM over DP gathers them)."""
+        full = torch.zeros(shape, dtype=torch.float32, device=self.ctx.device)
+        for rows, values in parts if self.ctx.is_last_stage else ():
+            if rows:  # a width rounded up for sequence parallelism may exceed T: only padding lies past it
+                width = min(values.shape[1], shape[1])
+                full[torch.tensor(rows, device=full.device), :width] = values[:, :width].float()
+        full = self._broadcast_from_last_stage(full, shape, torch.float32)
+        if self.ctx.dp_size > 1:
+            dist.all_reduce(full, group=self.ctx.dp_group)
+        return full.cpu()
 
     def _broadcast_from_last_stage(self, tensor: torch.Tensor | None, shape, dtype) -> torch.Tensor:
         if self.ctx.pp_size == 1:
@@ -179,60 +241,65 @@ class MegatronActor:
         dist.broadcast(tensor, src=self.ctx.last_stage_global_rank, group=self.ctx.pp_group)
         return tensor
 
-    def _gather_dp(self, tensor: torch.Tensor, batch_size: int) -> torch.Tensor:
-        if self.ctx.dp_size > 1:
-            parts = [torch.empty_like(tensor) for _ in range(self.ctx.dp_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=self.ctx.dp_group)
-            tensor = torch.cat(parts)
-        return tensor[:batch_size]
-
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
-    def compute_logprobs(self, tokens: torch.Tensor, temperature: float = 1.0,
-                         with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token log-probs (and entropies) of ``tokens`` [B, T] under the current weights, on every rank."""
+    def compute_logprobs(self, tokens: torch.Tensor, temperature: float = 1.0, with_entropy: bool = False,
+                         lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs (and entropies) of ``tokens`` [B, T] under the current weights, on every rank.
+        ``lengths`` [B] (tokens per row) trims padding; positions at or past a row's length give 0."""
         self.model.eval()
-        batch_size, seq_len = tokens.shape
-        shard, rows = self._dp_shard({"tokens": tokens}, batch_size)
+        _, micro_batches = self._plan({"tokens": tokens, "lengths": lengths})
+        parts = {"logprobs": [], "entropy": []}
 
         def collect(logprobs, entropy, mb):
-            out = {"logprobs": logprobs.float()}
+            parts["logprobs"].append((mb["rows"], logprobs))
             if entropy is not None:
-                out["entropy"] = entropy.float()
-            return torch.zeros((), device=logprobs.device), out
+                parts["entropy"].append((mb["rows"], entropy))
+            return torch.zeros((), device=logprobs.device), {}
 
-        outputs = self._forward_backward(self._micro_batches(shard, rows), collect, forward_only=True,
-                                         temperature=temperature, with_entropy=with_entropy)
+        self._forward_backward(micro_batches, collect, forward_only=True, temperature=temperature,
+                               with_entropy=with_entropy)
         self.model.train()
-        results = []
-        for key in ("logprobs", "entropy") if with_entropy else ("logprobs",):
-            local = torch.cat([o[key] for o in outputs]) if self.ctx.is_last_stage else None
-            local = self._broadcast_from_last_stage(local, (rows, seq_len), torch.float32)
-            results.append(self._gather_dp(local, batch_size).cpu())
-        return results[0], (results[1] if with_entropy else None)
+        logprobs = self._assemble(parts["logprobs"], tokens.shape)
+        return logprobs, (self._assemble(parts["entropy"], tokens.shape) if with_entropy else None)
 
-    def train_step(self, tensors: dict[str, torch.Tensor], loss_fn: LossFn) -> StepResult:
-        """One optimizer step on a global batch given as [B, ...] tensors (``tokens`` required).
+    def train_step(self, tensors: dict[str, torch.Tensor], loss_fn: LossFn, with_entropy: bool = False,
+                   return_logprobs: bool = False, advance: bool = True) -> StepResult:
+        """One optimizer step on a global batch given as [B, ...] tensors (``tokens`` required, ``lengths`` [B]
+        optional: trims each micro-batch to its longest row).
 
-        ``loss_fn`` must normalise by global token counts (see LossFn). Raises NonFiniteLossError (and leaves the
-        weights untouched) when the loss or gradients are not finite.
+        ``loss_fn`` must normalise by global token counts (see LossFn); with ``with_entropy`` the micro-batch dict
+        it gets carries ``entropy`` (detached) too. ``return_logprobs`` puts the training forward's detached [B, T]
+        log-probs (and entropies) in ``StepResult.logprobs`` / ``.entropy``: the on-policy step needs no other
+        forward. ``advance=False`` keeps the iteration (PPO mini-batches within one rollout step). Raises
+        NonFiniteLossError (and leaves the weights untouched) when the loss or gradients are not finite.
         """
         self.model.train()
-        batch_size = tensors["tokens"].shape[0]
-        shard, rows = self._dp_shard(tensors, batch_size)
+        plan, micro_batches = self._plan(tensors)
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = self.lr_at(self.iteration)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        parts = {"logprobs": [], "entropy": []}
 
         def wrapped(logprobs, entropy, mb):
+            if return_logprobs:
+                parts["logprobs"].append((mb["rows"], logprobs.detach()))
+            if entropy is not None:
+                mb = {**mb, "entropy": entropy.detach()}
+                if return_logprobs:
+                    parts["entropy"].append((mb["rows"], mb["entropy"]))
             loss, metrics = loss_fn(logprobs, mb)
             return loss, {"loss": loss.detach().clone(), **{k: torch.as_tensor(v).detach().float()
                                                           for k, v in metrics.items()}}
 
-        outputs = self._forward_backward(self._micro_batches(shard, rows), wrapped, forward_only=False)
+        outputs = self._forward_backward(micro_batches, wrapped, forward_only=False, with_entropy=with_entropy)
         metrics = self._reduce_metrics(outputs)
+        metrics["batch/pad_fraction"] = plan.pad_fraction
+        shape = tensors["tokens"].shape
+        logprobs = self._assemble(parts["logprobs"], shape) if return_logprobs else None
+        entropy = self._assemble(parts["entropy"], shape) if return_logprobs and with_entropy else None
         if not math.isfinite(metrics.get("loss", 0.0)):
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
@@ -247,8 +314,10 @@ class MegatronActor:
         grad_norm = float(grad_norm) if grad_norm is not None else 0.0
         if not update_successful or not math.isfinite(grad_norm):
             raise NonFiniteLossError(f"non-finite gradient norm at iteration {self.iteration}; step skipped")
-        self.iteration += 1
-        return StepResult(loss=metrics.pop("loss"), grad_norm=grad_norm, lr=lr, metrics=metrics)
+        if advance:
+            self.iteration += 1
+        return StepResult(loss=metrics.pop("loss"), grad_norm=grad_norm, lr=lr, metrics=metrics,
+                          logprobs=logprobs, entropy=entropy)
 
     def _local_grads_finite(self) -> bool:
         return all(bool(torch.isfinite(b.grad_data).all())

@@ -24,12 +24,12 @@ def _branch_gradient(actor, tensors: dict, loss_fn) -> list[torch.Tensor]:
     """This branch's full-batch gradient, one tensor per parameter that counts (no TP duplicates)."""
     from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
 
-    shard, rows = actor._dp_shard(tensors, tensors["tokens"].shape[0])
+    _, micro_batches = actor._plan(tensors)  # this DP rank's micro-batches, as the step makes them
     actor.model.zero_grad_buffer()
     config, finalize = actor.config, actor.config.finalize_model_grads_func
     config.finalize_model_grads_func = None  # keep local gradients: reduced below, never handed to the optimizer
     try:
-        actor._forward_backward(actor._micro_batches(shard, rows),
+        actor._forward_backward(micro_batches,
                                 lambda logprobs, entropy, mb: loss_fn(logprobs, mb), forward_only=False)
     finally:
         config.finalize_model_grads_func = finalize

@@ -24,14 +24,14 @@ class ReferencePolicy:
         return cls({name: p.detach().to("cpu", copy=True) for name, p in actor.module.named_parameters()})
 
     @torch.no_grad()
-    def logprobs(self, actor, tokens: torch.Tensor) -> torch.Tensor:
+    def logprobs(self, actor, tokens: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T] log-probs of ``tokens`` under the reference weights (every rank, like ``compute_logprobs``)."""
         params = dict(actor.module.named_parameters())
         current = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
         try:
             for name, p in params.items():
                 p.data.copy_(self.weights[name])
-            logprobs, _ = actor.compute_logprobs(tokens)
+            logprobs, _ = actor.compute_logprobs(tokens, lengths=lengths)
         finally:
             for name, p in params.items():
                 p.data.copy_(current[name])
