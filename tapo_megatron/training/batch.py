@@ -99,7 +99,10 @@ def set_policy_tensors(batch: TrainBatch, old: torch.Tensor, entropy: torch.Tens
 
 def select_rows(batch: TrainBatch, rows: torch.Tensor) -> TrainBatch:
     """The trajectories ``rows`` of a batch (a PPO mini-batch), every per-row tensor indexed alike."""
-    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)
+    def pick(value):
+        return value[rows] if isinstance(value, torch.Tensor) else [value[int(i)] for i in rows]  # lists: per row
+
+    return dataclasses.replace(batch, **{f.name: pick(getattr(batch, f.name)) for f in dataclasses.fields(batch)
                                          if getattr(batch, f.name) is not None})
 
 
