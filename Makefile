@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_SILENT := true
 
-.PHONY: venv venv-sglang demo test test-all bench clean
+.PHONY: venv venv-sglang demo test test-all bench clean image-check gpu-check
 
 venv: $(STAMP)
 
@@ -45,6 +45,12 @@ test-all: venv
 
 bench: venv
 	$(PY) -m tapo_kernels.bench
+
+# The GPU image's Python layer (requirements-image.txt + versions.env) resolved against the package registry for
+# CPython 3.12 manylinux x86_64 without installing it; hadolint on the Dockerfile when installed. Needs the registry
+# (network); ~2 min. Run by .ci/run after `make test`.
+image-check: venv
+	$(PY) ops/image_check.py
 
 clean:
 	rm -rf $(VENV) $(SGLANG_VENV) runs build *.egg-info
