@@ -256,15 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    failed = False
+    lines, failed = verdicts(results)
+    print("\n".join(lines))
+    print(f"wrote {out} in {results['seconds']} s")
+    return 1 if failed else 0
+
+
+def verdicts(results: dict) -> tuple[list[str], bool]:
+    """One ``PASS|FAIL|SKIP name: details`` line per target; True when any target failed."""
+    lines, failed = [], False
     for name, r in results.items():
         if isinstance(r, dict) and "pass" in r:
             verdict = "SKIP (dry run: not a speed measurement)" if r["pass"] is None else "PASS" if r["pass"] else "FAIL"
             failed |= r["pass"] is False
-            detail = ", ".join(f"{k}={v}" for k, v in r.items() if k != "pass")
-            print(f"{verdict} {name}: {detail}")
-    print(f"wrote {out} in {results['seconds']} s")
-    return 1 if failed else 0
+            lines.append(f"{verdict} {name}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k != "pass"))
+    return lines, failed
 
 
 if __name__ == "__main__":

@@ -26,3 +26,16 @@ def test_gpu_check_dry_mode(tmp_path):
     for name in targets:
         assert any(line.split(" ", 1)[0] in ("PASS", "SKIP") and f" {name}:" in line
                    for line in proc.stdout.splitlines()), name
+
+
+def test_gpu_check_verdicts_fail_on_a_missed_target():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "ops" / "gpu_check.py")
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    lines, failed = gc.verdicts({"dry": False, "kernel_parity_T4096": {"pass": True, "err": 1e-4},
+                                 "train_step": {"pass": False, "mfu": 0.05}, "weight_sync": {"pass": None}})
+    assert failed and lines == ["PASS kernel_parity_T4096: err=0.0001", "FAIL train_step: mfu=0.05",
+                                "SKIP (dry run: not a speed measurement) weight_sync: "]
+    assert not gc.verdicts({"a": {"pass": True}})[1]

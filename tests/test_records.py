@@ -142,3 +142,12 @@ def test_eval_compare_training_command(tmp_path):
     assert main(["eval", "--compare-training", str(tmp_path / "grpo"), str(tmp_path / "tapo"), "--out",
                  str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "eval_compare.png").is_file()
+
+
+def test_sample_table_settings_are_range_checked():
+    from tapo_megatron.config import ConfigError
+    from _loop_worker import loop_config
+
+    for override in ("logging.sample_table_interval=-1", "logging.sample_table_rows=0"):
+        with pytest.raises(ConfigError, match="sample_table"):
+            loop_config("/tmp/unused", 1, [override]).validate()
