@@ -53,6 +53,7 @@ class JobSpec:
     job_dir: str = ""  # Slurm: where NeMo-Run writes sbatch scripts and logs (shared filesystem)
     signal_lead_s: int = 300  # Slurm: SIGUSR1 this long before the time limit, so the trainer checkpoints
     requeue: bool = True  # Slurm: requeue after the time-limit signal (and on preemption / node failure)
+    max_requeues: int = 20  # Slurm: NeMo-Run's batch script requeues a failed attempt at most this often
     ssh_host: str = ""  # Slurm: submit from a workstation through SSH to this login node (job_dir is remote)
     ssh_user: str = ""
     ssh_identity: str = ""
@@ -124,20 +125,23 @@ def engine_commands(cfg: TrainConfig, spec: JobSpec) -> list[str]:
 # Slurm sends the time-limit signal (``--signal=USR1@N``, no ``B:``) to every process of the job step: bash, torchrun,
 # the trainer ranks and the SGLang servers. Only the trainer acts on it (it checkpoints and exits: the reliability
 # side in train.py); torchrun and SGLang would die of it (SIGUSR1's default action), so they start with it ignored,
-# which exec keeps and the trainer's own handler overrides. The role shell notes it for the requeue decision.
+# which exec keeps and the trainer's own handler overrides. The role shell notes it and, once the trainer has
+# exited, exits with REQUEUE_EXIT; NeMo-Run's batch script (on the host, where scontrol is: the role script runs in
+# the container) requeues a job whose step failed while ``executor.retries`` > ``SLURM_RESTART_COUNT``.
+REQUEUE_EXIT = 75
 SIGNAL_PRELUDE = (
     "usr1=0; trap 'usr1=1' USR1  # the time-limit signal; acted on once the trainer has exited",
     "keep_usr1() { ( trap '' USR1; exec \"$@\" ); }  # start a command with SIGUSR1 ignored (kept across exec)",
 )
 
 
-def requeue_lines(trainer_node_rank: str, requeue: bool) -> list[str]:
-    """After the trainer exits: the first trainer node requeues the job if the time-limit signal came (the next
-    attempt resumes from ``checkpoint.save``)."""
+def requeue_lines(requeue: bool) -> list[str]:
+    """After the trainer exits: ask for a requeue if the time-limit signal came (the next attempt resumes from
+    ``checkpoint.save``)."""
     if not requeue:
         return []
-    return [f'if [ "$usr1" = 1 ] && [ "{trainer_node_rank}" = 0 ]; then '
-            'echo "time limit near: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"; fi']
+    return [f'if [ "$usr1" = 1 ]; then echo "time limit near: asking for a requeue of job $SLURM_JOB_ID"; '
+            f'rc={REQUEUE_EXIT}; fi']
 
 
 def role_script(cfg: TrainConfig, spec: JobSpec) -> str:
@@ -164,7 +168,7 @@ def role_script(cfg: TrainConfig, spec: JobSpec) -> str:
             f"# colocated: all {spec.nodes} node(s) are trainer nodes; the rollout engines run on the trainer GPUs.",
             "keep_usr1 " + trainer_command(cfg_path, spec.nodes, spec.gpus_per_node, "$SLURM_NODEID", "${nodes[0]}"),
             "rc=$?",
-            *requeue_lines("$SLURM_NODEID", spec.requeue),
+            *requeue_lines(spec.requeue),
             "exit $rc",
         ]
         return "\n".join(lines) + "\n"
@@ -195,7 +199,7 @@ def role_script(cfg: TrainConfig, spec: JobSpec) -> str:
         + " \"rollout.engine_urls=[$TAPO_ENGINE_URLS]\" rollout.weight_sync_master_address=${nodes[ENGINE_NODES]}",
         "  rc=$?",
         f"  touch {done}",
-        *("  " + line for line in requeue_lines("$((SLURM_NODEID - ENGINE_NODES))", spec.requeue)),
+        *("  " + line for line in requeue_lines(spec.requeue)),
         "  exit $rc",
         "fi",
     ]
@@ -250,6 +254,7 @@ def slurm_experiment(cfg: TrainConfig, spec: JobSpec):
         exclusive=True, mem="0",  # whole nodes: all their GPUs, CPUs and memory (mem=0: all of it)
         signal=f"USR1@{spec.signal_lead_s}",  # to the job step (no B:), see SIGNAL_PRELUDE
         additional_parameters={"requeue": True} if spec.requeue else None,  # open_mode=append keeps the logs
+        retries=spec.max_requeues if spec.requeue else 0,  # TORCHX_MAX_RETRIES in the batch script
         container_image=spec.container_image, container_mounts=container_mounts(spec),
         container_env=list(SECRET_ENV), env_vars=job_env(cfg, spec, container=True),
         packager=run.Packager(),  # the package is installed in the image; nothing to ship
@@ -388,6 +393,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--signal-lead", type=int, default=300, help="Slurm: seconds before the time limit at which the "
                                                                "trainer gets SIGUSR1 to checkpoint (default 300)")
     p.add_argument("--no-requeue", action="store_true", help="Slurm: do not requeue after the time-limit signal")
+    p.add_argument("--max-requeues", type=int, default=20, help="Slurm: requeues per job at most (default 20)")
     p.add_argument("--ssh-host", default=os.environ.get("TAPO_SSH_HOST", ""),
                    help="Slurm: submit through SSH to this login node (from a workstation)")
     p.add_argument("--ssh-user", default=os.environ.get("TAPO_SSH_USER", ""))
@@ -416,7 +422,7 @@ def build(args: argparse.Namespace):
     spec = JobSpec(nodes=nodes, gpus_per_node=gpus, container_image=args.container_image, data_dir=args.data_dir,
                    models_dir=args.models_dir, runs_dir=args.runs_dir, mounts=args.mount, account=args.account,
                    partition=args.partition, time=args.time, job_dir=args.job_dir, signal_lead_s=args.signal_lead,
-                   requeue=not args.no_requeue, ssh_host=args.ssh_host, ssh_user=args.ssh_user,
+                   requeue=not args.no_requeue, max_requeues=args.max_requeues, ssh_host=args.ssh_host, ssh_user=args.ssh_user,
                    ssh_identity=args.ssh_identity, engine_model=args.engine_model,
                    nccl_socket_ifname=args.nccl_socket_ifname,
                    env=dict(item.split("=", 1) for item in args.env))
