@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export WANDB_SILENT := true
 
-.PHONY: venv venv-sglang demo test test-all bench clean
+.PHONY: venv venv-sglang demo test test-all bench clean image-check gpu-check gpu-wheel
 
 venv: $(STAMP)
 
@@ -46,5 +46,25 @@ test-all: venv
 bench: venv
 	$(PY) -m tapo_kernels.bench
 
+# The GPU image's Python layer (requirements-image.txt + versions.env) resolved against the package registry for
+# CPython 3.12 manylinux x86_64 without installing it; hadolint on the Dockerfile when installed. Needs the registry
+# (network); ~2 min. Run by .ci/run after `make test`.
+image-check: venv
+	$(PY) ops/image_check.py
+
+# One H100/H200 with only torch + Triton (+ transformers): kernel parity and speed, the actor's step (tokens/s, MFU)
+# and a colocated weight sync, <= 8 min, one JSON (runs/gpu_check.json) and PASS/FAIL per target. megatron-core
+# travels as a wheel: `make gpu-wheel` here (network), then copy the checkout with .whl/ to the GPU machine.
+# The CPU dry mode is tests/test_gpu_check.py.
+GPU_PYTHON ?= python3
+
+gpu-wheel:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.2
+
+gpu-check:
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --target .gpu-site .whl/megatron_core-*.whl
+	$(GPU_PYTHON) ops/gpu_check.py --out runs/gpu_check.json
+
 clean:
-	rm -rf $(VENV) $(SGLANG_VENV) runs build *.egg-info
+	rm -rf $(VENV) $(SGLANG_VENV) runs build *.egg-info .gpu-site

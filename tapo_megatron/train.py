@@ -37,7 +37,7 @@ from tapo_megatron.convert.checkpoints import has_checkpoint
 from tapo_megatron.data.stream import QueryStream
 from tapo_megatron.evaluation import evaluate_task
 from tapo_megatron.logging.timing import Stopwatch
-from tapo_megatron.logging.tracker import MetricsLogger
+from tapo_megatron.logging.tracker import MetricsLogger, log_export, log_rollout_samples
 from tapo_megatron.models.qwen3 import shape_from_config
 from tapo_megatron.parallel import ParallelContext, broadcast_object, setup_parallel
 from tapo_megatron.rewards import score_rollouts
@@ -150,6 +150,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 metrics.update(evaluate_task(engine, task, n_samples=cfg.data.eval_samples,
                                              max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.seed))
             logger.log(step + 1, metrics)
+            log_rollout_samples(logger, cfg.logging, step + 1, built.trajectories, task.tokenizer)
             bar.set_postfix(acc=f"{metrics.get('rollout/accuracy', 0):.2f}", loss=f"{metrics.get('loss', 0):.3f}")
         if cfg.checkpoint.save and cfg.checkpoint.save_interval and (step + 1) % cfg.checkpoint.save_interval == 0:
             actor.save_checkpoint(cfg.checkpoint.save, {"stream": stream.state()}, cfg.checkpoint.keep_last)
@@ -160,6 +161,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # The final checkpoint as an HF directory for serving; a preempted run is not final.
     if final_ckpt is not None and cfg.checkpoint.export_hf and not guard.preempted:
         export_hf(final_ckpt, cfg.checkpoint.export_hf, cfg.checkpoint.export_tokenizer or cfg.model.tokenizer)
+        log_export(logger, cfg.checkpoint.export_hf, cfg.logging.run_name)
     weight_sync.disconnect()
     if logger:
         logger.upload_curves(CURVE_KEYS, cfg.logging.run_name)

@@ -6,8 +6,10 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,15 +90,130 @@ def test_docker_dryrun(tmp_path, monkeypatch):
     args = ex.parse_args(["docker", "--recipe", "qwen3_1_7b_tapo", "--preset", "h100_1x8", "--container-image", IMAGE,
                           "--data-dir", "/srv/data", "--models-dir", "/srv/models", "--runs-dir", "/srv/runs",
                           "--dryrun"])
-    text, role = _render(args)
+    exp, role = ex.build(args)
+    text = ex.render_dryrun(exp, role)
     cmd = text.split("# ---- role script ----")[0]
-    assert cmd.startswith("docker run --rm --runtime nvidia --gpus 8 --ipc host")
-    for part in ("-v /srv/data:/data", "-v /srv/models:/models", "-v /srv/runs:/runs", f" {IMAGE} ",
+    # NeMo-Run's scheduler mounts the job directory at /nemo_run: the packaged role script runs from there
+    job_dir = exp.jobs[0]._dryrun_info.request.executor.job_dir
+    assert job_dir and f"-v {job_dir}:/nemo_run " in cmd and "bash /nemo_run/scripts/rl.sh" in cmd
+    assert cmd.startswith("docker network create --driver bridge ")
+    for part in ("docker run --rm -d ", "--runtime nvidia", "--gpus 8", "--ipc host", "--shm-size 64g",
+                 "--ulimit memlock=-1:-1", "-v /srv/data:/data", "-v /srv/models:/models", "-v /srv/runs:/runs",
+                 f" {IMAGE} ", "--workdir /nemo_run/code",
                  "-e NCCL_DEBUG=WARN", "-e 'WANDB_API_KEY=***'", f"-e TAPO_CONTAINER_IMAGE={IMAGE}"):
         assert part in cmd, part
     assert "secret-key-123" not in text
     assert ("torchrun --nnodes=1 --nproc-per-node=8 --node-rank=0 --master-addr=localhost --master-port=29500 "
             "-m tapo_megatron.commands train --config /runs/qwen3_1_7b_tapo/config.yaml") in role
+
+
+def test_docker_dryrun_is_what_nemo_run_starts(tmp_path):
+    """The printed argv is derived from the keyword arguments NeMo-Run's own DockerContainer.run passes to
+    docker-py (recorded, not rebuilt): every volume, env var and the command appear."""
+    args = ex.parse_args(["docker", "--recipe", "qwen3_0_6b_grpo", "--preset", "h100_1x8", "--container-image", IMAGE,
+                          "--runs-dir", str(tmp_path / "runs"), "--dryrun"])
+    exp, _ = ex.build(args)
+    with exp:
+        exp.dryrun(log=False)
+    request = exp.jobs[0]._dryrun_info.request
+    networks, argv = ex.docker_run_args(request)
+    client = ex._RecordingDockerClient()
+    container = request.containers[0]
+    before = list(container.executor.volumes)
+    container.executor.volumes.append(f"{request.executor.job_dir}:/nemo_run")
+    container.run(client=client, id=request.id)  # NeMo-Run's own code, same request
+    container.executor.volumes = before
+    kw = next(c for kind, c in client.calls if kind == "container")
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "-v"] == kw["volumes"]
+    assert {a.split("=", 1)[0] for i, a in enumerate(argv) if i and argv[i - 1] == "-e"} == set(kw["environment"])
+    from docker.utils import split_command  # what docker-py does with a string command
+
+    assert argv[argv.index(IMAGE) + 1:] == split_command(kw["command"])
+    assert argv[argv.index(IMAGE) + 1:][:2] == ["bash", "-c"]
+    assert networks == [c["name"] for kind, c in client.calls if kind == "network"]
+
+
+def _sbatch(text: str) -> list[str]:
+    return [line for line in text.split("# ---- role script ----")[0].splitlines() if line.startswith("#SBATCH")]
+
+
+def test_slurm_dryrun_survives_time_limit_and_preemption(tmp_path):
+    import nemo_run as run
+
+    args = _slurm_args(tmp_path, "qwen3_8b_tapo", "h100_4x8", "--signal-lead", "420")
+    exp, role = ex.build(args)
+    executor = exp.jobs[0].executor
+    assert isinstance(executor, run.SlurmExecutor)
+    assert (executor.mem, executor.exclusive, executor.signal) == ("0", True, "USR1@420")
+    assert executor.additional_parameters == {"requeue": True} and executor.open_mode == "append"
+    text = ex.render_dryrun(exp, role)
+    for flag in ("#SBATCH --mem=0", "#SBATCH --exclusive", "#SBATCH --signal=USR1@420", "#SBATCH --requeue",
+                 "#SBATCH --open-mode=append"):
+        assert flag in _sbatch(text), flag
+    # trainer and engines start with SIGUSR1 ignored (the trainer installs its own handler); node 0 requeues
+    assert role.count("keep_usr1 ") == 1 + 4 and "keep_usr1 torchrun" in role and "keep_usr1 env CUDA_VISIBLE" in role
+    assert f"rc={ex.REQUEUE_EXIT}" in role
+    # the requeue itself: NeMo-Run's batch script, on the host, when the step failed and retries remain
+    assert executor.retries == 20 and "export TORCHX_MAX_RETRIES=20" in text
+    assert re.search(r'if \[ \$exitcode -ne 0 \]; then\s+if \[ "\$TORCHX_MAX_RETRIES" -gt "\$\{SLURM_RESTART_COUNT:-0\}" \]; '
+                     r'then\s+scontrol requeue "\$SLURM_JOB_ID"', text)
+    # --no-requeue: neither the sbatch flag, the retries nor the requeue exit in the role script
+    exp, role = ex.build(_slurm_args(tmp_path, "qwen3_8b_tapo", "h100_4x8", "--no-requeue"))
+    text = ex.render_dryrun(exp, role)
+    assert "#SBATCH --requeue" not in _sbatch(text) and "TORCHX_MAX_RETRIES=0" in text and "rc=75" not in role
+
+
+SIGNAL_CHILD = """
+import os, signal, sys, time
+assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN, "SIGUSR1 not ignored at start"
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))  # what the trainer does: checkpoint, then exit
+open(sys.argv[1], "w").close()
+deadline = time.time() + 30
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+print("trainer saw SIGUSR1" if got else "trainer timed out")
+sys.exit(0 if got else 3)
+"""
+
+
+def test_role_script_signal_reaches_trainer_and_asks_for_requeue(tmp_path):
+    """The role script's signal plumbing run for real in bash: SIGUSR1 sent to the whole process group (as
+    slurmstepd signals a job step) leaves bash and the launcher alive, reaches the trainer's handler, and the script
+    then exits with the requeue code (NeMo-Run's batch script requeues on it)."""
+    (tmp_path / "child.py").write_text(SIGNAL_CHILD)
+    ready = tmp_path / "ready"
+    script = "\n".join(["set -uo pipefail", *ex.SIGNAL_PRELUDE,
+                        f"keep_usr1 {sys.executable} {tmp_path / 'child.py'} {ready}", "rc=$?",
+                        *ex.requeue_lines(True), 'echo "rc=$rc usr1=$usr1"', "exit $rc"])
+    env = {**os.environ, "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242"}
+    proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    for _ in range(600):
+        if ready.exists():
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGUSR1)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == ex.REQUEUE_EXIT, out + err
+    assert "trainer saw SIGUSR1" in out and f"rc={ex.REQUEUE_EXIT} usr1=1" in out
+
+
+def test_slurm_ssh_tunnel_from_a_workstation(tmp_path):
+    import nemo_run as run
+
+    args = ex.parse_args(["slurm", "--recipe", "qwen3_0_6b_grpo", "--preset", "h100_1x8", "--account", "acct",
+                          "--container-image", IMAGE, "--ssh-host", "login.example.com", "--ssh-user", "alice",
+                          "--ssh-identity", "~/.ssh/id_ed25519", "--job-dir", "/lustre/jobs", "--dryrun"])
+    exp, role = ex.build(args)
+    tunnel = exp.jobs[0].executor.tunnel
+    assert isinstance(tunnel, run.SSHTunnel)
+    assert (tunnel.host, tunnel.user, tunnel.identity) == ("login.example.com", "alice", "~/.ssh/id_ed25519")
+    text = ex.render_dryrun(exp, role)  # a dry run opens no connection
+    assert tunnel.job_dir.startswith("/lustre/jobs/") and f"--output={tunnel.job_dir}/rl/" in text
+    with pytest.raises(ex.ConfigError, match="--job-dir"):
+        ex.build(ex.parse_args(["slurm", "--recipe", "qwen3_0_6b_grpo", "--container-image", IMAGE,
+                                "--ssh-host", "login.example.com", "--ssh-user", "alice"]))
 
 
 def test_docker_refuses_separate_pool():

@@ -8,7 +8,9 @@ def add_parser(sub):
     ev = sub.add_parser("eval", help="Pass@k / DSR / ERR on AIME24, AIME25, HMMT25 (or JSONL files)")
     ev.add_argument("--model", help="HF Qwen3 directory or Megatron checkpoint")
     ev.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="put evaluated runs side by side")
-    ev.add_argument("--labels", nargs="+", help="--compare: names of the runs")
+    ev.add_argument("--labels", nargs="+", help="--compare / --compare-training: names of the runs")
+    ev.add_argument("--compare-training", nargs="+", metavar="OUTPUT_DIR",
+                    help="training runs' last in-loop eval metrics (their metrics.jsonl) as one PNG")
     ev.add_argument("--out", required=True)
     ev.add_argument("--benchmarks", nargs="+", default=["aime24", "aime25", "hmmt25"])
     ev.add_argument("--n", type=int, default=16, help="samples per problem")
@@ -31,6 +33,21 @@ def run(args) -> None:
     from tapo_megatron.errors import ConfigError
     from tapo_megatron.evaluation import benchmarks
 
+    if args.compare_training:
+        from pathlib import Path
+
+        from tapo_megatron.logging.plots import plot_eval_comparison
+        from tapo_megatron.logging.tracker import read_metrics
+
+        labels = args.labels or [Path(d).name for d in args.compare_training]
+        if len(labels) != len(args.compare_training) or len(set(labels)) != len(labels):
+            raise ConfigError("--labels: one distinct name per run")
+        runs = {label: read_metrics(Path(d) / "metrics.jsonl") for label, d in zip(labels, args.compare_training)}
+        try:
+            print(plot_eval_comparison(runs, Path(args.out) / "eval_compare.png"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        return
     if args.compare:
         result = benchmarks.compare_runs(args.compare, args.out, labels=args.labels)
         print(result.table)

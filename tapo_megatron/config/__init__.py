@@ -212,6 +212,8 @@ class LoggingConfig:
     wandb_mode: str = "auto"  # auto (online if WANDB_API_KEY is set, else offline) | offline | online | disabled
     run_name: str = ""
     progress_bar: bool = True
+    sample_table_interval: int = 10  # every N steps: a wandb table of rollout samples (0: never)
+    sample_table_rows: int = 16  # rows in that table (constructed trajectories first)
 
 
 @dataclass
@@ -297,6 +299,8 @@ class TrainConfig:
             raise ConfigError("tapo.branch_grad_interval must be >= 0 and tapo.min_reused_tokens >= 1")
         if self.logging.wandb_mode not in ("auto", "offline", "online", "disabled"):
             raise ConfigError(f"logging.wandb_mode={self.logging.wandb_mode!r}: expected auto, offline, online or disabled")
+        if self.logging.sample_table_interval < 0 or self.logging.sample_table_rows < 1:
+            raise ConfigError("logging.sample_table_interval must be >= 0 and logging.sample_table_rows >= 1")
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "micro_batch_size"):
             if getattr(self.parallel, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")

@@ -307,6 +307,7 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
             assets = Path(tokenizer_dir) if tokenizer_dir is not None else ckpt / ASSETS_SUBDIR
             if assets.is_dir():
                 copy_hf_assets(assets, tmp)
+            write_generation_config(tmp, config)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
             if bar is not None:
                 bar.close()
@@ -319,6 +320,38 @@ def mcore_to_hf(ckpt: str | Path, out: str | Path, max_shard_bytes: int = 5 * 2*
     if _rank() == 0:
         print(f"mcore_to_hf: {ckpt} -> {out} in {time.perf_counter() - t0:.1f} s")
     return out
+
+
+GENERATION_CONFIG = "generation_config.json"
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def write_generation_config(out_dir: Path, config: dict) -> None:
+    """``generation_config.json`` for serving (transformers, SGLang and vLLM read the stop ids from it), unless the
+    source's was copied. Token ids from the model config, else from the tokenizer files copied beside it."""
+    if (out_dir / GENERATION_CONFIG).is_file():
+        return
+    from transformers import GenerationConfig
+
+    ids = {k: config[k] for k in _TOKEN_ID_KEYS if config.get(k) is not None}
+    if "eos_token_id" not in ids and (out_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(out_dir))
+        ids.update({k: v for k, v in (("bos_token_id", tok.bos_token_id), ("eos_token_id", tok.eos_token_id),
+                                      ("pad_token_id", tok.pad_token_id)) if v is not None and k not in ids})
+    GenerationConfig(**ids).save_pretrained(str(out_dir))
+
+
+def find_mcore_checkpoint(path: str | Path) -> Path:
+    """The Megatron checkpoint that ``tapo export`` and ``tapo convert mcore-to-hf`` both accept: ``hf_to_mcore``
+    output, an actor ``iter_*`` directory, or a save directory (its latest checkpoint)."""
+    from tapo_megatron.convert.checkpoints import resolve_checkpoint
+
+    path = Path(path)
+    if (path / MODEL_SUBDIR).is_dir() and (path / HF_CONFIG_FILE).is_file():
+        return path
+    return resolve_checkpoint(path)
 
 
 def export_hf(ckpt: str | Path, out: str | Path, tokenizer: str = "") -> Path:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+from tqdm import tqdm
+
 from tapo_megatron.data.tokenizer import Tokenizer
 from tapo_megatron.errors import DataError
 from tapo_megatron.records import Query
@@ -139,8 +141,10 @@ def load_queries(
         bad_rows.append(bad)
 
     # Read bytes and decode per line, so one bad byte costs one row rather than the file.
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, desc=f"load {path.name}", unit="B", unit_scale=True,
+                                     disable=None, leave=False) as bar:  # shown on a terminal only
         for line_no, raw in enumerate(f, start=1):
+            bar.update(len(raw))
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

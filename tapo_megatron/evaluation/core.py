@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from tqdm import tqdm
+
 from tapo_megatron.algorithms.metrics import (direct_solution_rate, effective_reflection_rate, first_attempt_rate,
                                               mean_pass_at_k, spurious_reflection_rate)
 from tapo_megatron.algorithms.reflection import ReflectionDetector
@@ -70,11 +72,15 @@ def evaluate(engine: RolloutEngine, queries: list[Query], reward_fn: Callable[[s
                                    correct, detector.is_reflective(r.response_text), len(r.response_ids), clean))
 
     summary: dict[str, float] = {"num_problems": float(len(queries))}
+    # generation is one batched call per pass, so the bar moves a pass at a time (shown on a terminal only)
+    bar = tqdm(total=len(queries) * ((1 if greedy else 0) + max(0, n_samples)), desc="eval", unit="sample",
+               disable=None, leave=False)
     if greedy:
         params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=stop)
         rollouts = sample_groups(engine, queries, 1, params, tokenizer)
         score_rollouts(rollouts, queries, reward_fn)  # one batch: the "math" verifier spreads it over its pool
         add_rows(rollouts, -1)
+        bar.update(len(rollouts))
         summary["greedy_accuracy"] = sum(r.correct for r in rows) / max(1, len(queries))
         summary["greedy_first_attempt"] = sum(r.correct and r.clean_first_attempt for r in rows) / max(1, len(queries))
     if n_samples > 0:
@@ -84,6 +90,7 @@ def evaluate(engine: RolloutEngine, queries: list[Query], reward_fn: Callable[[s
         score_rollouts(rollouts, queries, reward_fn)
         for j in range(n_samples):  # rows sample-major: sample j of every problem, then sample j + 1
             add_rows(rollouts[j::n_samples], j)
+        bar.update(len(rollouts))
         sampled = [r for r in rows if r.sample >= 0]
         per_problem: dict[str, list[bool]] = {}
         for r in sampled:
@@ -101,6 +108,7 @@ def evaluate(engine: RolloutEngine, queries: list[Query], reward_fn: Callable[[s
         summary["spurious_reflection_rate"] = spurious_reflection_rate(reflective, clean)
         summary["reflection_rate"] = sum(reflective) / max(1, len(reflective))
         summary["mean_response_tokens"] = sum(r.num_tokens for r in sampled) / max(1, len(sampled))
+    bar.close()
     if samples_path:
         Path(samples_path).parent.mkdir(parents=True, exist_ok=True)
         with open(samples_path, "w") as f:

@@ -51,6 +51,12 @@ class JobSpec:
     partition: str = ""
     time: str = "04:00:00"
     job_dir: str = ""  # Slurm: where NeMo-Run writes sbatch scripts and logs (shared filesystem)
+    signal_lead_s: int = 300  # Slurm: SIGUSR1 this long before the time limit, so the trainer checkpoints
+    requeue: bool = True  # Slurm: requeue after the time-limit signal (and on preemption / node failure)
+    max_requeues: int = 20  # Slurm: NeMo-Run's batch script requeues a failed attempt at most this often
+    ssh_host: str = ""  # Slurm: submit from a workstation through SSH to this login node (job_dir is remote)
+    ssh_user: str = ""
+    ssh_identity: str = ""
     engine_model: str = ""  # SGLang --model-path (HF dir); default ${TAPO_MODELS}/<model.name>
     nccl_socket_ifname: str = ""
     env: dict = field(default_factory=dict)
@@ -116,6 +122,28 @@ def engine_commands(cfg: TrainConfig, spec: JobSpec) -> list[str]:
     return out
 
 
+# Slurm sends the time-limit signal (``--signal=USR1@N``, no ``B:``) to every process of the job step: bash, torchrun,
+# the trainer ranks and the SGLang servers. Only the trainer acts on it (it checkpoints and exits: the reliability
+# side in train.py); torchrun and SGLang would die of it (SIGUSR1's default action), so they start with it ignored,
+# which exec keeps and the trainer's own handler overrides. The role shell notes it and, once the trainer has
+# exited, exits with REQUEUE_EXIT; NeMo-Run's batch script (on the host, where scontrol is: the role script runs in
+# the container) requeues a job whose step failed while ``executor.retries`` > ``SLURM_RESTART_COUNT``.
+REQUEUE_EXIT = 75
+SIGNAL_PRELUDE = (
+    "usr1=0; trap 'usr1=1' USR1  # the time-limit signal; acted on once the trainer has exited",
+    "keep_usr1() { ( trap '' USR1; exec \"$@\" ); }  # start a command with SIGUSR1 ignored (kept across exec)",
+)
+
+
+def requeue_lines(requeue: bool) -> list[str]:
+    """After the trainer exits: ask for a requeue if the time-limit signal came (the next attempt resumes from
+    ``checkpoint.save``)."""
+    if not requeue:
+        return []
+    return [f'if [ "$usr1" = 1 ]; then echo "time limit near: asking for a requeue of job $SLURM_JOB_ID"; '
+            f'rc={REQUEUE_EXIT}; fi']
+
+
 def role_script(cfg: TrainConfig, spec: JobSpec) -> str:
     """The bash script one Slurm task per node runs: writes the config, then starts this node's role."""
     lo = make_layout(cfg, spec.nodes, spec.gpus_per_node)
@@ -123,6 +151,7 @@ def role_script(cfg: TrainConfig, spec: JobSpec) -> str:
     cfg_path = f"{run_dir}/config.yaml"
     lines = [
         "set -uo pipefail",
+        *SIGNAL_PRELUDE,
         f"mkdir -p {run_dir}",
         "# The resolved recipe; ${TAPO_*} references are expanded by `tapo train` from this job's environment.",
         "if [ \"$SLURM_NODEID\" = 0 ]; then",
@@ -137,7 +166,10 @@ def role_script(cfg: TrainConfig, spec: JobSpec) -> str:
     if lo.placement == "colocated":
         lines += [
             f"# colocated: all {spec.nodes} node(s) are trainer nodes; the rollout engines run on the trainer GPUs.",
-            trainer_command(cfg_path, spec.nodes, spec.gpus_per_node, "$SLURM_NODEID", "${nodes[0]}"),
+            "keep_usr1 " + trainer_command(cfg_path, spec.nodes, spec.gpus_per_node, "$SLURM_NODEID", "${nodes[0]}"),
+            "rc=$?",
+            *requeue_lines(spec.requeue),
+            "exit $rc",
         ]
         return "\n".join(lines) + "\n"
     en = cfg.launch.engine_nodes
@@ -155,18 +187,19 @@ def role_script(cfg: TrainConfig, spec: JobSpec) -> str:
         "  pids=()",
     ]
     for cmd in engine_commands(cfg, spec):
-        lines.append(f"  {cmd} & pids+=($!)")
+        lines.append(f"  keep_usr1 env {cmd} & pids+=($!)")
     lines += [
         "  # serve until the trainer reports completion (engines never exit on their own)",
         f"  while [ ! -f {done} ]; do sleep 30; done",
         "  kill \"${pids[@]}\" 2>/dev/null; wait",
         "else",
         "  # the trainer connects to the pool (rollout.engine_urls) and broadcasts weights from the first trainer node",
-        "  " + trainer_command(cfg_path, spec.nodes - en, spec.gpus_per_node, "$((SLURM_NODEID - ENGINE_NODES))",
-                               "${nodes[ENGINE_NODES]}")
+        "  keep_usr1 " + trainer_command(cfg_path, spec.nodes - en, spec.gpus_per_node,
+                                         "$((SLURM_NODEID - ENGINE_NODES))", "${nodes[ENGINE_NODES]}")
         + " \"rollout.engine_urls=[$TAPO_ENGINE_URLS]\" rollout.weight_sync_master_address=${nodes[ENGINE_NODES]}",
         "  rc=$?",
         f"  touch {done}",
+        *("  " + line for line in requeue_lines(spec.requeue)),
         "  exit $rc",
         "fi",
     ]
@@ -195,6 +228,20 @@ def local_experiment(cfg: TrainConfig, out_dir: str | Path, nproc: int = 2, thre
     return exp, cfg_path
 
 
+def slurm_tunnel(spec: JobSpec):
+    """Where sbatch runs: this machine (a login node), or a login node over SSH from a workstation. The job
+    directory must be on the cluster's shared filesystem; over SSH it is a path there and must be given."""
+    import nemo_run as run
+
+    if spec.ssh_host:
+        if not (spec.ssh_user and spec.job_dir):
+            raise ConfigError("--ssh-host needs --ssh-user and --job-dir (a folder on the cluster's shared "
+                              "filesystem for NeMo-Run's sbatch scripts and logs)")
+        return run.SSHTunnel(host=spec.ssh_host, user=spec.ssh_user, job_dir=spec.job_dir,
+                             identity=spec.ssh_identity or None)
+    return run.LocalTunnel(job_dir=spec.job_dir or str(Path(spec.runs_dir or ".").resolve() / "nemo_run"))
+
+
 def slurm_experiment(cfg: TrainConfig, spec: JobSpec):
     """One sbatch job over all nodes; one task per node runs :func:`role_script` inside the container."""
     import nemo_run as run
@@ -203,11 +250,15 @@ def slurm_experiment(cfg: TrainConfig, spec: JobSpec):
         raise ConfigError("--container-image is required for Slurm")
     executor = run.SlurmExecutor(
         account=spec.account, partition=spec.partition or None, time=spec.time, nodes=spec.nodes,
-        ntasks_per_node=1, gpus_per_node=spec.gpus_per_node, exclusive=True,
+        ntasks_per_node=1, gpus_per_node=spec.gpus_per_node,
+        exclusive=True, mem="0",  # whole nodes: all their GPUs, CPUs and memory (mem=0: all of it)
+        signal=f"USR1@{spec.signal_lead_s}",  # to the job step (no B:), see SIGNAL_PRELUDE
+        additional_parameters={"requeue": True} if spec.requeue else None,  # open_mode=append keeps the logs
+        retries=spec.max_requeues if spec.requeue else 0,  # TORCHX_MAX_RETRIES in the batch script
         container_image=spec.container_image, container_mounts=container_mounts(spec),
         container_env=list(SECRET_ENV), env_vars=job_env(cfg, spec, container=True),
         packager=run.Packager(),  # the package is installed in the image; nothing to ship
-        tunnel=run.LocalTunnel(job_dir=spec.job_dir or str(Path(spec.runs_dir or ".").resolve() / "nemo_run")),
+        tunnel=slurm_tunnel(spec),
     )
     task = run.Script(inline=role_script(cfg, spec), entrypoint="bash")
     exp = run.Experiment(f"tapo-{cfg.logging.run_name}", executor=executor, clean_mode=True,
@@ -247,6 +298,59 @@ def _mask(env: dict) -> dict:
     return {k: ("***" if k in SECRET_ENV else v) for k, v in env.items()}
 
 
+class _RecordingDockerClient:
+    """Takes the place of docker-py's client: records what NeMo-Run's ``DockerContainer.run`` would start."""
+
+    def __init__(self):
+        self.calls = []
+        self.networks = self
+        self.containers = self
+
+    def create(self, **kwargs):  # client.networks.create
+        self.calls.append(("network", kwargs))
+
+    def run(self, image, command, **kwargs):  # client.containers.run
+        self.calls.append(("container", {"image": image, "command": command, **kwargs}))
+
+
+def docker_run_args(req) -> tuple[list[str], list[str]]:
+    """``docker run`` argv equivalent to what NeMo-Run 0.11.1 starts for a ``DockerJobRequest``: the volumes as its
+    scheduler sets them (``DockerScheduler.schedule`` adds ``<job_dir>:/nemo_run``, where the packaged role
+    script lives), then the docker-py keyword arguments of its own ``DockerContainer.run``, spelled as CLI flags.
+    Returns (networks NeMo-Run creates first, argv)."""
+    import copy
+
+    from nemo_run.config import RUNDIR_NAME, RUNDIR_SPECIAL_NAME
+
+    container = copy.deepcopy(req.containers[0])
+    ex = container.executor
+    ex.volumes = [v.replace(RUNDIR_SPECIAL_NAME, req.executor.job_dir, 1) for v in ex.volumes]
+    ex.volumes.append(f"{req.executor.job_dir}:/{RUNDIR_NAME}")
+    client = _RecordingDockerClient()
+    container.run(client=client, id=req.id)
+    kw = dict(next(c for kind, c in client.calls if kind == "container"))
+    networks = [c["name"] for kind, c in client.calls if kind == "network"]
+    args = ["docker", "run"] + (["--rm"] if kw.pop("remove", False) else []) + (["-d"] if kw.pop("detach", False) else [])
+    args += ["--name", kw.pop("name"), "--hostname", kw.pop("hostname"), "--network", kw.pop("network") or "torchx"]
+    if kw.get("runtime"):
+        args += ["--runtime", kw["runtime"]]
+    for dr in kw.get("device_requests") or []:
+        args += ["--gpus", str(dr.count)]
+    args += ["--ipc", kw["ipc_mode"]] if kw.get("ipc_mode") else []
+    args += ["--shm-size", kw["shm_size"]] if kw.get("shm_size") else []
+    for ul in kw.get("ulimits") or []:
+        args += ["--ulimit", f"{ul.name}={ul.soft}:{ul.hard}"]
+    args += ["--privileged"] if kw.get("privileged") else []
+    for vol in kw["volumes"]:
+        args += ["-v", vol]
+    for k, v in _mask(kw["environment"]).items():
+        args += ["-e", f"{k}={v}"]
+    for k, v in kw.get("labels", {}).items():
+        args += ["--label", f"{k}={v}"]
+    args += ["--workdir", kw["working_dir"], kw["image"]] + shlex.split(kw["command"])
+    return networks, args
+
+
 def render_dryrun(exp, role: str) -> str:
     """The sbatch script (Slurm) or ``docker run`` command (Docker) of the experiment's job, then the role script."""
     with exp:
@@ -255,19 +359,10 @@ def render_dryrun(exp, role: str) -> str:
     request = job._dryrun_info.request
     if hasattr(request, "materialize"):  # SlurmBatchRequest
         text = request.materialize()
-    else:  # DockerJobRequest: spell out the equivalent docker run
-        c = request.containers[0]
-        ex = c.executor
-        args = ["docker", "run", "--rm", "--runtime", ex.runtime, "--gpus", str(ex.num_gpus), "--ipc", ex.ipc_mode,
-                "--shm-size", ex.shm_size]
-        for ul in ex.ulimits:
-            args += ["--ulimit", ul.replace(":", "=", 1)]
-        for vol in ex.volumes:
-            args += ["-v", vol]
-        for k, v in _mask(ex.env_vars | c.extra_env).items():
-            args += ["-e", f"{k}={v}"]
-        args += ["--workdir", "/nemo_run/code", ex.container_image] + c.command
-        text = " ".join(shlex.quote(a) for a in args)
+    else:  # DockerJobRequest
+        networks, args = docker_run_args(request)
+        text = "".join(f"docker network create --driver bridge {n} 2>/dev/null || true\n" for n in networks)
+        text += shlex.join(args)
     return f"{text}\n\n# ---- role script ----\n{role}"
 
 
@@ -293,7 +388,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--account", default=os.environ.get("SLURM_ACCOUNT", ""))
     p.add_argument("--partition", default=os.environ.get("SLURM_PARTITION", ""))
     p.add_argument("--time", default="04:00:00")
-    p.add_argument("--job-dir", default="", help="Slurm: NeMo-Run job folder (default: <runs-dir>/nemo_run)")
+    p.add_argument("--job-dir", default="", help="Slurm: NeMo-Run job folder on the shared filesystem (default: "
+                                                 "<runs-dir>/nemo_run; required with --ssh-host)")
+    p.add_argument("--signal-lead", type=int, default=300, help="Slurm: seconds before the time limit at which the "
+                                                               "trainer gets SIGUSR1 to checkpoint (default 300)")
+    p.add_argument("--no-requeue", action="store_true", help="Slurm: do not requeue after the time-limit signal")
+    p.add_argument("--max-requeues", type=int, default=20, help="Slurm: requeues per job at most (default 20)")
+    p.add_argument("--ssh-host", default=os.environ.get("TAPO_SSH_HOST", ""),
+                   help="Slurm: submit through SSH to this login node (from a workstation)")
+    p.add_argument("--ssh-user", default=os.environ.get("TAPO_SSH_USER", ""))
+    p.add_argument("--ssh-identity", default="", help="Slurm: SSH private key file (default: the SSH agent)")
     p.add_argument("--engine-model", default="", help="SGLang --model-path (default: rollout.engine_model_path)")
     p.add_argument("--nccl-socket-ifname", default="")
     p.add_argument("--env", action="append", default=[], help="extra KEY=VALUE for every task (repeatable)")
@@ -317,7 +421,9 @@ def build(args: argparse.Namespace):
         return exp, None
     spec = JobSpec(nodes=nodes, gpus_per_node=gpus, container_image=args.container_image, data_dir=args.data_dir,
                    models_dir=args.models_dir, runs_dir=args.runs_dir, mounts=args.mount, account=args.account,
-                   partition=args.partition, time=args.time, job_dir=args.job_dir, engine_model=args.engine_model,
+                   partition=args.partition, time=args.time, job_dir=args.job_dir, signal_lead_s=args.signal_lead,
+                   requeue=not args.no_requeue, max_requeues=args.max_requeues, ssh_host=args.ssh_host, ssh_user=args.ssh_user,
+                   ssh_identity=args.ssh_identity, engine_model=args.engine_model,
                    nccl_socket_ifname=args.nccl_socket_ifname,
                    env=dict(item.split("=", 1) for item in args.env))
     if args.executor == "slurm":

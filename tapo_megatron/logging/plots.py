@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, out: str | Path) -> Path:
@@ -34,6 +35,7 @@ def plot_curves(runs: dict[str, list[dict]], keys: list[str], out: str | Path, t
                 ax.plot(*zip(*pts), label=label, linewidth=1.4)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers: no 1.5 ticks
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(keys):]:
@@ -62,3 +64,23 @@ def plot_bars(table: dict[str, dict[str, float]], metrics: list[str], out: str |
     if title:
         ax.set_title(title)
     return _save(fig, out)
+
+
+def last_values(records: list[dict], prefix: str) -> dict[str, float]:
+    """The last logged value of every ``prefix``-key in a run's metric records."""
+    out: dict[str, float] = {}
+    for r in records:
+        out.update({k: v for k, v in r.items() if k.startswith(prefix) and isinstance(v, (int, float))})
+    return out
+
+
+def plot_eval_comparison(runs: dict[str, list[dict]], out: str | Path, prefix: str = "eval/",
+                         title: str = "") -> Path:
+    """runs: label -> metric records (metrics.jsonl); grouped bars of each run's last ``prefix`` metrics that lie
+    in [0, 1] (accuracies, pass@k, rates), one group per metric, the runs side by side."""
+    table = {label: last_values(recs, prefix) for label, recs in runs.items()}
+    metrics = sorted({k for vals in table.values() for k, v in vals.items() if 0.0 <= v <= 1.0})
+    if not metrics:
+        raise ValueError(f"no {prefix}* metrics in [0, 1] in runs {', '.join(runs)}")
+    short = {label: {k.removeprefix(prefix): v for k, v in vals.items()} for label, vals in table.items()}
+    return plot_bars(short, [m.removeprefix(prefix) for m in metrics], out, title=title or "eval: last values")

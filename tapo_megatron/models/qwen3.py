@@ -8,7 +8,7 @@ tied (0.6B-4B) or untied (8B) embeddings. The Transformer Engine layer spec is u
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +37,9 @@ class Qwen3Shape:
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 40960
+    # The source config's other keys (bos/eos ids, rope_parameters, sliding-window keys, ...): not architecture
+    # here, but an exported config.json must keep them (to_hf). Not part of equality or the hash.
+    extra: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "Qwen3Shape":
@@ -47,11 +50,12 @@ class Qwen3Shape:
         if "rope_theta" not in cfg and isinstance(cfg.get("rope_parameters"), dict):
             cfg["rope_theta"] = cfg["rope_parameters"].get("rope_theta", cls.rope_theta)
         known = {f.name for f in fields(cls)}
-        required = [f.name for f in fields(cls) if f.default is MISSING]
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
         missing = [name for name in required if name not in cfg]
         if missing:
             raise ModelConfigError(f"Qwen3 config is missing required field(s): {', '.join(missing)}")
-        shape = cls(**{k: v for k, v in cfg.items() if k in known})
+        extra = {k: v for k, v in cfg.items() if k not in known}
+        shape = cls(**{k: v for k, v in cfg.items() if k in known and k != "extra"}, extra=extra)
         shape.validate()
         return shape
 
@@ -72,10 +76,12 @@ class Qwen3Shape:
 
     def to_hf(self) -> dict:
         """An HF ``config.json`` for ``Qwen3ForCausalLM`` with these values."""
+        values = asdict(self)
         return {
+            **values.pop("extra"),
             "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_act": "silu",
             "attention_bias": False, "attention_dropout": 0.0, "torch_dtype": "float32",
-            **asdict(self),
+            **values,
         }
 
     def layout_dims(self) -> dict[str, int]:
