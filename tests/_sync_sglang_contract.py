@@ -21,8 +21,8 @@ from sglang.srt.sampling.sampling_params import SamplingParams as SGLSamplingPar
 
 from tapo_megatron.records import SamplingParams
 from tapo_megatron.rollout import sglang as adapter
-from tapo_megatron.training.weight_sync.common import flatten_by_dtype
-from tapo_megatron.training.weight_sync.tensor import serialize_flat_bucket
+from tapo_megatron.rollout.buckets import flatten_by_dtype, flatten_for_broadcast
+from tapo_megatron.rollout.sglang import serialize_flat_bucket
 
 
 def _fields(cls) -> set[str]:
@@ -71,14 +71,15 @@ def test_weight_update_group_and_distributed_payloads():
     bucket = [("model.embed_tokens.weight", torch.zeros(8, 4, dtype=torch.bfloat16)),
               ("model.norm.weight", torch.zeros(4))]
     mid = validate(io_struct.UpdateWeightsFromDistributedReqInput,
-                   adapter.update_distributed_payload(bucket, "tapo-pp0"))
-    assert mid.names == [n for n, _ in bucket] and mid.shapes == [[8, 4], [4]] and mid.weight_version is None
-    assert mid.flush_cache is False and mid.group_name == "tapo-pp0"
+                   adapter.update_distributed_payload(flatten_for_broadcast(bucket), "tapo-pp0"))
+    # Largest element size first, so SGLang's receive buffer has every tensor aligned.
+    assert mid.names == ["model.norm.weight", "model.embed_tokens.weight"] and mid.shapes == [[4], [8, 4]]
+    assert mid.weight_version is None and mid.flush_cache is False and mid.group_name == "tapo-pp0"
+    assert mid.load_format == "flattened_bucket"
     # SGLang's receiver turns dtype strings back with getattr(torch, dtype): they must round-trip.
-    assert [getattr(torch, d) for d in mid.dtypes] == [torch.bfloat16, torch.float32]
-    last = validate(io_struct.UpdateWeightsFromDistributedReqInput,
-                    adapter.update_distributed_payload(bucket, "tapo-pp0", weight_version=7))
-    assert last.weight_version == "7" and last.flush_cache is True
+    assert [getattr(torch, d) for d in mid.dtypes] == [torch.float32, torch.bfloat16]
+    validate(io_struct.BeginWeightUpdateReqInput, adapter.begin_payload())
+    validate(io_struct.EndWeightUpdateReqInput, adapter.end_payload())
     commit = validate(io_struct.UpdateWeightVersionReqInput, adapter.weight_version_payload(7))
     assert commit.new_version == "7" and commit.abort_all_requests is False
     validate(io_struct.DestroyWeightsUpdateGroupReqInput, {"group_name": "tapo-pp0"})
@@ -107,8 +108,8 @@ def test_flattened_bucket_tensor_payload_decodes_with_sglang():
     for flat in flatten_by_dtype(bucket):
         serialized = serialize_flat_bucket(flat)
         req = validate(io_struct.UpdateWeightsFromTensorReqInput,
-                       adapter.update_tensor_payload([serialized, serialized], weight_version=4))
-        assert req.load_format == "flattened_bucket" and req.weight_version == "4"
+                       adapter.update_tensor_payload([serialized, serialized]))
+        assert req.load_format == "flattened_bucket" and req.weight_version is None and req.flush_cache is False
         assert len(req.serialized_named_tensors) == 2  # one per engine TP rank
         raw = req.serialized_named_tensors[0]
         raw = raw if isinstance(raw, bytes) else base64.b64decode(raw)

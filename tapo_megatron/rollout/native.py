@@ -262,6 +262,12 @@ class NativeEngine(RolloutEngine):
         self._version = version
         self.flush_cache()
 
+    def prompt_logprobs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """log p(tokens[:, t] | tokens[:, :t]) for t >= 1 from one forward pass, [num, length - 1] fp32."""
+        with torch.inference_mode():
+            logits = self._live_model()(input_ids=tokens.to(self.device)).logits.float().cpu()
+        return [torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)]
+
     def flush_cache(self) -> None:
         """No-op: the native engine keeps no KV/prefix cache between ``generate`` calls (each call builds its own)."""
 

@@ -32,6 +32,7 @@ from tapo_megatron.training.weight_sync.common import (
     all_stage_buckets,
     bucket_nbytes,
     flatten_by_dtype,
+    is_source_rank,
     source_stage_buckets,
     unflatten,
 )
@@ -58,18 +59,15 @@ def gather_hf_state(actor, bucket_bytes: int = 2**26) -> dict[str, torch.Tensor]
 
 
 def make_weight_sync(mode: str, actor, engine: RolloutEngine | None, bucket_bytes: int, *,
-                     servers=None, disk_root: str = "", master_address: str = "127.0.0.1") -> WeightSync:
-    """The transport for ``rollout.weight_sync_mode``; ``servers`` (every rank) for distributed, ``disk_root`` for
-    disk. Unknown modes are refused by name."""
+                     disk_root: str = "", master_address: str = "127.0.0.1", per_rank_ipc: bool = False) -> WeightSync:
+    """The transport for ``rollout.weight_sync_mode``; ``engine``: rank 0's engine (distributed: an engine client
+    on every source rank), ``disk_root`` for disk. Unknown modes are refused by name."""
     if mode == "colocated":
-        return TensorWeightSync(actor.module, actor.ctx, engine, bucket_bytes)
+        return TensorWeightSync(actor.module, actor.ctx, engine, bucket_bytes, per_rank_ipc=per_rank_ipc)
     if mode == "distributed":
         from tapo_megatron.training.weight_sync.distributed import DistributedWeightSync
 
-        if not servers:
-            raise ValueError("weight_sync_mode='distributed' needs the engine servers (rollout.engine_urls)")
-        return DistributedWeightSync(actor.module, actor.ctx, servers, bucket_bytes, engine=engine,
-                                     master_address=master_address)
+        return DistributedWeightSync(actor.module, actor.ctx, engine, bucket_bytes, master_address=master_address)
     if mode == "disk":
         if not disk_root:
             raise ValueError("weight_sync_mode='disk' needs rollout.weight_sync_dir")
@@ -78,16 +76,22 @@ def make_weight_sync(mode: str, actor, engine: RolloutEngine | None, bucket_byte
 
 
 def connect_weight_sync(rollout: RolloutConfig, actor, engine: RolloutEngine | None) -> WeightSync:
-    """The transport of ``rollout.weight_sync_mode`` (colocated / distributed / disk), connected. Collective."""
-    servers = None
-    if rollout.weight_sync_mode == "distributed":
-        from tapo_megatron.rollout.sglang import EngineServer
+    """The transport of ``rollout.weight_sync_mode`` (colocated / distributed / disk), connected. Collective.
 
-        # Every trainer rank posts to the servers: rank 0 has the engine's; the others address the same URLs.
-        servers = engine.servers if engine is not None else [EngineServer(url=u) for u in rollout.engine_urls]
+    Distributed: every PP stage's source rank posts to the servers, so the source ranks other than rank 0 get an
+    engine client of the same URLs (``rollout.engine_urls``). Colocated SGLang with engine TP > 1: one CUDA-IPC
+    payload per engine TP rank, built by the trainer rank on that GPU."""
+    if rollout.weight_sync_mode == "distributed" and engine is None and is_source_rank(actor.ctx):
+        from tapo_megatron.rollout.sglang import SGLangEngine
+
+        if not rollout.engine_urls:
+            raise ValueError("weight_sync_mode='distributed' needs the engine servers (rollout.engine_urls)")
+        engine = SGLangEngine.connect(rollout.engine_urls, startup_timeout_s=rollout.engine_startup_timeout_s,
+                                      request_timeout_s=rollout.engine_request_timeout_s)
+    per_rank_ipc = rollout.engine == "sglang" and torch.cuda.is_available() and actor.ctx.tp_size > 1
     sync = make_weight_sync(rollout.weight_sync_mode, actor, engine, int(rollout.weight_sync_bucket_mb * 2**20),
-                            servers=servers, disk_root=rollout.weight_sync_dir,
-                            master_address=rollout.weight_sync_master_address)
+                            disk_root=rollout.weight_sync_dir, master_address=rollout.weight_sync_master_address,
+                            per_rank_ipc=per_rank_ipc)
     sync.connect()
     return sync
 
