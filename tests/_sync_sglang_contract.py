@@ -142,3 +142,139 @@ def test_an_unknown_field_is_caught_by_the_checker():
     with pytest.raises((pydantic.ValidationError, msgspec.ValidationError, TypeError)):
         validate(io_struct.InitWeightsUpdateGroupReqInput, {"master_address": "x", "master_port": "not-a-port",
                                                              "rank_offset": 1, "world_size": 2})
+
+
+# ---------------------------------------------------------------------------------------------- SGLang's own rules
+# The adapter and the trainer's transports against SGLang's own HTTP handlers and weight-update managers
+# (tests/_sglang_control_plane.py says exactly which parts are SGLang's code and which are stubs).
+
+SHAPES = {"model.embed_tokens.weight": ((6, 4), torch.bfloat16), "model.norm.weight": ((4,), torch.float32),
+          "lm_head.weight": ((6, 4), torch.float32)}
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g).to(dtype) for name, (shape, dtype) in SHAPES.items()}
+
+
+@pytest.fixture
+def plane():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _sglang_control_plane import ControlPlane
+
+    p = ControlPlane(SHAPES)
+    yield p
+    p.close()
+
+
+def _engine(url: str):
+    return adapter.SGLangEngine.connect([url], world_sizes=[1], startup_timeout_s=10, request_timeout_s=60)
+
+
+def _ctx():
+    from tapo_megatron.parallel import ParallelContext
+
+    return ParallelContext(device=torch.device("cpu"), backend="gloo", world_size=1, rank=0, tp_size=1, pp_size=1,
+                           dp_size=1, tp_rank=0, pp_rank=0, dp_rank=0, tp_group=None, pp_group=None, dp_group=None,
+                           mp_group=None)
+
+
+def test_distributed_sync_is_accepted_by_sglang_session_rules(plane, monkeypatch):
+    """The trainer's DistributedWeightSync, unchanged, against SGLang's scheduler-side manager: if it skipped the
+    session SGLang would refuse every bucket (and the broadcast would time out), so this test fails."""
+    from tapo_megatron.training.weight_sync import distributed as distributed_module
+
+    weights = _weights(1)
+    buckets = [[("model.embed_tokens.weight", weights["model.embed_tokens.weight"]),
+                ("model.norm.weight", weights["model.norm.weight"])], [("lm_head.weight", weights["lm_head.weight"])]]
+    monkeypatch.setattr(distributed_module, "export_hf_weights", lambda model, ctx, nbytes: iter(buckets))
+    # Trainer and "engine" share this process, so torch would refuse the second registration of the group name
+    # (separate processes in real use): keep the first, as both sides name the same group.
+    from torch.distributed import distributed_c10d as c10d
+
+    register = c10d._register_process_group
+
+    def register_once(name, pg):
+        try:
+            register(name, pg)
+        except RuntimeError as err:
+            if "already registered" not in str(err):
+                raise
+
+    monkeypatch.setattr(c10d, "_register_process_group", register_once)
+    engine = _engine(plane.url)
+    sync = distributed_module.DistributedWeightSync(None, _ctx(), engine, 1 << 20, backend="gloo",
+                                                    group_timeout_s=20)
+    try:
+        sync.connect()
+        stats = sync.sync(3)
+    finally:
+        sync.disconnect()
+        engine.shutdown()
+    for name, tensor in weights.items():
+        assert torch.equal(plane.model.weight(name), tensor), name
+    calls = plane.tokenizer_manager.calls
+    assert calls[calls.index("pause"):] == ["pause", "begin", "distributed", "distributed", "end", "version", "flush",
+                                            "continue", "destroy_group"]
+    assert plane.manager._session is None and plane.scheduler.weight_version == "3" and plane.scheduler.flushes == 1
+    assert engine.weight_version == 3 and stats.num_tensors == 3 and len(stats.bucket_bytes) == 2
+
+
+def test_an_update_outside_a_session_is_refused_by_sglang(plane):
+    engine = _engine(plane.url)
+    flat = flatten_for_broadcast([("model.norm.weight", torch.ones(4))])
+    with pytest.raises(adapter.EngineError, match=r"must run between begin_weight_update\(\) and end_weight_upd"):
+        engine.update_weights_from_distributed(flat, "g", 1, send=lambda: None)  # no broadcast: refused first
+    # The colocated path with the session step removed is refused the same way, and names the version.
+    engine.begin_weight_update = lambda version: engine.pause_generation()
+    with pytest.raises(adapter.EngineError, match=r"version 2.*update_weights_from_tensor must run between"):
+        engine.update_weights_from_tensor([[("model.norm.weight", torch.ones(4))]], 2)
+    assert plane.model.loaded == [] and plane.scheduler.weight_version == "default"
+    engine.shutdown()
+
+
+def test_tensor_sync_through_sglang_flattened_bucket_loader(plane):
+    """update_weights_from_tensor: one session, SGLang's deserializer and flattened-bucket loader on CPU tensors."""
+    engine = _engine(plane.url)
+    weights = _weights(2)
+    engine.update_weights_from_tensor([list(weights.items())], 5)
+    for name, tensor in weights.items():
+        assert torch.equal(plane.model.weight(name), tensor), name
+    assert plane.scheduler.weight_version == "5" and engine.weight_version == 5 and plane.manager._session is None
+    # A second session cannot open while one is open: SGLang's message reaches the caller.
+    engine.servers[0].post("/begin_weight_update", adapter.begin_payload())
+    with pytest.raises(adapter.EngineError, match="already open"):
+        engine.servers[0].post("/begin_weight_update", adapter.begin_payload())
+    engine.shutdown()
+
+
+def test_response_shapes_as_sglang_writes_them(plane):
+    status, ctype, body = plane.call("/flush_cache", None)
+    assert status == 200 and "json" not in ctype and body.startswith(b"Cache flushed.")
+    assert adapter.parse_response(body, ctype).startswith("Cache flushed.")
+    plane.scheduler.idle = False
+    status, ctype, body = plane.call("/flush_cache", None)
+    assert status == 400 and adapter.parse_response(body, ctype).startswith("Flush cache failed")
+    with pytest.raises(adapter.EngineError, match="HTTP 400: Flush cache failed"):
+        adapter.EngineServer(url=plane.url).post("/flush_cache")
+    plane.scheduler.idle = True
+    status, ctype, body = plane.call("/release_memory_occupation", adapter.memory_payload())
+    assert (status, body) == (200, b"null") and adapter.parse_response(body, ctype) is None
+    status, ctype, body = plane.call("/pause_generation", adapter.pause_payload())
+    assert adapter.parse_response(body, ctype) == {"message": "Generation paused successfully.", "status": "ok"}
+    status, ctype, body = plane.call("/end_weight_update", adapter.end_payload())
+    assert status == 400 and adapter.parse_response(body, ctype)["success"] is False
+
+
+def test_release_and_resume_memory_through_sglang(plane):
+    from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
+
+    engine = _engine(plane.url)
+    metrics = engine.release_memory()
+    assert sorted(plane.saver.paused) == sorted(GPU_MEMORY_ALL_TYPES) and metrics["engine/release_seconds"] >= 0
+    engine.resume_memory()
+    assert plane.saver.paused == [] and plane.tokenizer_manager.calls[-1] == "continue"
+    engine.shutdown()

@@ -256,7 +256,8 @@ def serialize_flat_bucket(flat: FlatBucket) -> str:
     from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
     from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
 
-    monkey_patch_torch_reductions()
+    if flat.flat.is_cuda:  # the patch rewrites the CUDA reduction's device argument; CPU tensors pickle as they are
+        monkey_patch_torch_reductions()
     # SGLang's own metadata class, so the engine process can unpickle it without importing tapo_megatron.
     metadata = [FlattenedTensorMetadata(name=m.name, shape=m.shape, dtype=m.dtype, start_idx=m.start_idx,
                                         end_idx=m.end_idx, numel=m.numel) for m in flat.metadata]
@@ -671,13 +672,17 @@ class SGLangEngine(RolloutEngine):
         (``/update_weight_version``), drop the prefix cache computed with the old weights (``/flush_cache``) and
         resume generation. On failure (``ok=False``) the engine stays paused and refuses ``generate``: SGLang loads
         buckets into the live model, so it now holds a mix; the next successful sync resumes it."""
-        self._each("close session", version, lambda s: s.post("/end_weight_update", end_payload()))
         if not ok:
+            try:  # best effort: a server that never opened the session (or died) has nothing to close
+                self._each("close session", version, lambda s: s.post("/end_weight_update", end_payload()))
+            except EngineError as err:
+                logger.warning("%s", err)
             self._broken = (f"engine holds a partial weight update to version {version} ({reason}); it stays "
                             f"paused until a weight sync completes")
             for server in self.servers:
                 server.served_version = None
             return
+        self._each("close session", version, lambda s: s.post("/end_weight_update", end_payload()))
         self._each("set version", version, lambda s: s.post("/update_weight_version", weight_version_payload(version)))
         self.flush_cache()
         self._each("continue", version, lambda s: s.post("/continue_generation", continue_payload()))
