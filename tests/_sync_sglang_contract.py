@@ -191,20 +191,7 @@ def test_distributed_sync_is_accepted_by_sglang_session_rules(plane, monkeypatch
     buckets = [[("model.embed_tokens.weight", weights["model.embed_tokens.weight"]),
                 ("model.norm.weight", weights["model.norm.weight"])], [("lm_head.weight", weights["lm_head.weight"])]]
     monkeypatch.setattr(distributed_module, "export_hf_weights", lambda model, ctx, nbytes: iter(buckets))
-    # Trainer and "engine" share this process, so torch would refuse the second registration of the group name
-    # (separate processes in real use): keep the first, as both sides name the same group.
-    from torch.distributed import distributed_c10d as c10d
-
-    register = c10d._register_process_group
-
-    def register_once(name, pg):
-        try:
-            register(name, pg)
-        except RuntimeError as err:
-            if "already registered" not in str(err):
-                raise
-
-    monkeypatch.setattr(c10d, "_register_process_group", register_once)
+    _allow_same_group_twice(monkeypatch)
     engine = _engine(plane.url)
     sync = distributed_module.DistributedWeightSync(None, _ctx(), engine, 1 << 20, backend="gloo",
                                                     group_timeout_s=20)
@@ -278,3 +265,59 @@ def test_release_and_resume_memory_through_sglang(plane):
     engine.resume_memory()
     assert plane.saver.paused == [] and plane.tokenizer_manager.calls[-1] == "continue"
     engine.shutdown()
+
+
+def _allow_same_group_twice(monkeypatch):
+    """Trainer and "engine" share this process, so torch would refuse the second registration of the group name
+    (separate processes in real use): keep the first, as both sides name the same group."""
+    from torch.distributed import distributed_c10d as c10d
+
+    register = c10d._register_process_group
+
+    def register_once(name, pg):
+        try:
+            register(name, pg)
+        except RuntimeError as err:
+            if "already registered" not in str(err):
+                raise
+
+    monkeypatch.setattr(c10d, "_register_process_group", register_once)
+
+
+def test_an_engine_error_mid_sync_leaves_it_paused_and_named(plane, monkeypatch):
+    """SGLang's load_weights_from_distributed answers a failed load with success=false ("partially updated"): the
+    sync fails naming the version, the session is closed, and the engine refuses to generate (still paused) until
+    a sync completes."""
+    from tapo_megatron.training.weight_sync import distributed as distributed_module
+
+    _allow_same_group_twice(monkeypatch)
+    weights = _weights(3)
+    buckets = [[("model.norm.weight", weights["model.norm.weight"])], [("lm_head.weight", weights["lm_head.weight"])],
+               [("model.embed_tokens.weight", weights["model.embed_tokens.weight"])]]
+    monkeypatch.setattr(distributed_module, "export_hf_weights", lambda model, ctx, nbytes: iter(buckets))
+    real = plane.model.load_weights
+
+    def fail_lm_head(named):
+        named = list(named)
+        if any(name == "lm_head.weight" for name, _ in named):
+            raise RuntimeError("injected load failure")
+        real(named)
+
+    plane.model.load_weights = fail_lm_head
+    engine = _engine(plane.url)
+    sync = distributed_module.DistributedWeightSync(None, _ctx(), engine, 1 << 20, backend="gloo", group_timeout_s=20)
+    try:
+        sync.connect()
+        with pytest.raises(Exception, match=r"version 6 failed.*engine 0 .*injected load failure") as info:
+            sync.sync(6)
+        assert type(info.value).__name__ == "WeightSyncError"
+        assert plane.manager._session is None and plane.scheduler.weight_version == "default"
+        assert "continue" not in plane.tokenizer_manager.calls  # still paused
+        with pytest.raises(adapter.EngineError, match="partial weight update to version 6"):
+            engine.generate([[1, 2]], SamplingParams(temperature=0.0, max_new_tokens=1))
+        plane.model.load_weights = real
+        sync.sync(7)  # a complete sync resumes it
+        assert plane.scheduler.weight_version == "7" and plane.tokenizer_manager.calls[-1] == "continue"
+    finally:
+        sync.disconnect()
+        engine.shutdown()

@@ -118,6 +118,10 @@ class RolloutEngine(abc.ABC):
         """Servers (indices) that do not serve ``weight_version`` (e.g. restarted); an in-process engine: none."""
         return []
 
+    def expected_weight_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """HF name -> shape of every weight the engine's model holds (None: unknown, the check is skipped)."""
+        return None
+
     def prompt_logprobs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Per server (one for an in-process engine): log p(tokens[:, t] | tokens[:, :t]) for t >= 1, fp32."""
         raise NotImplementedError(f"{type(self).__name__} does not score prompts")

@@ -262,6 +262,9 @@ class NativeEngine(RolloutEngine):
         self._version = version
         self.flush_cache()
 
+    def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: spec.shape for name, spec in self.weight_specs.items()}
+
     def prompt_logprobs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """log p(tokens[:, t] | tokens[:, :t]) for t >= 1 from one forward pass, [num, length - 1] fp32."""
         with torch.inference_mode():

@@ -752,16 +752,18 @@ class SGLangEngine(RolloutEngine):
         session), then ``send()`` broadcasts it as group rank 0 while the servers receive; waits for every answer."""
         payload = update_distributed_payload(flat, group_name)
         futures = [self._pool.submit(s.post, "/update_weights_from_distributed", payload) for s in self.servers]
+        errors = []
         try:
             send()
-        finally:
-            errors = []
-            for future in futures:
-                try:
-                    future.result()
-                except EngineError as err:
-                    errors.append(str(err))
+        except Exception as err:  # noqa: BLE001 - a peer that died mid-broadcast: name it below
+            errors.append(f"broadcast failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
+        for server, future in zip(self.servers, futures):
+            try:
+                future.result()
+            except EngineError as err:
+                errors.append(str(err))
         if errors:
+            errors += [f"engine {s.index} ({s.url}) is down" for s in self.servers if not s.alive()]
             raise EngineError(f"weight update to version {version}, bucket of {len(flat.metadata)} tensor(s): "
                               + "; ".join(errors))
 
@@ -774,6 +776,24 @@ class SGLangEngine(RolloutEngine):
         self._version, self._broken, self.reload_path = int(version), None, str(path)
         for server in self.servers:
             server.served_version = self._version
+
+    def expected_weight_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """From the ``config.json`` of the model each server loaded (``/model_info`` ``model_path``), when that
+        folder is readable here; None when it is not (or the servers disagree, which is reported by name)."""
+        from tapo_megatron.convert.qwen3 import hf_shapes
+        from tapo_megatron.models.qwen3 import Qwen3Shape
+
+        found = None
+        for server in self.servers:
+            info = server.request("GET", "/model_info", timeout=30.0) or {}
+            config = Path(str(info.get("model_path") or "")) / "config.json"
+            if not info.get("model_path") or not config.is_file():
+                return None
+            shapes = hf_shapes(Qwen3Shape.from_hf(json.loads(config.read_text())))
+            if found is not None and shapes != found:
+                raise EngineError(f"engine {server.index} ({server.url}) serves a model of another shape than engine 0")
+            found = shapes
+        return found
 
     def prompt_logprobs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Per server: log p(tokens[:, t] | tokens[:, :t]) for t >= 1 (``input_token_logprobs`` from position 0)."""

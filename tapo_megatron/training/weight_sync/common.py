@@ -51,6 +51,44 @@ def raise_if_rank0_failed(ctx: ParallelContext, mode: str, error: str | None, ve
                               + (f": {error}" if error else " on rank 0") + f"; the engine serves version {served}")
 
 
+def shape_mismatch(model, engine) -> str | None:
+    """Rank 0, before any bucket is sent: the first names/shapes where the trainer's HF export and the engine's
+    model differ (a tied ``lm_head.weight`` may be absent on either side); None when they agree or the engine
+    cannot say."""
+    expected = engine.expected_weight_shapes() if engine is not None else None
+    if expected is None:
+        return None
+    from tapo_megatron.convert.qwen3 import hf_shapes, shape_of_model
+
+    sent = hf_shapes(shape_of_model(model))
+    tied = {"lm_head.weight"}
+    unknown = [n for n in sent if n not in expected]
+    missing = [n for n in expected if n not in sent and n not in tied]
+    wrong = [f"{n} {tuple(sent[n])} vs engine {tuple(expected[n])}" for n in sent
+             if n in expected and tuple(sent[n]) != tuple(expected[n])]
+    problems = ([f"unknown to the engine: {', '.join(unknown[:3])}"] if unknown else []) + \
+               ([f"missing from the trainer: {', '.join(missing[:3])}"] if missing else []) + \
+               ([f"shape {'; '.join(wrong[:3])}"] if wrong else [])
+    return "; ".join(problems) or None
+
+
+def refuse_mismatched_engine(model, ctx: ParallelContext, engine, mode: str, version: int) -> None:
+    """Collective: every rank raises the same WeightSyncError when rank 0 finds a name/shape mismatch."""
+    problem = None
+    if ctx.rank == 0:
+        try:
+            problem = shape_mismatch(model, engine)
+        except Exception as err:  # noqa: BLE001 - e.g. the engine is unreachable: report it like a mismatch
+            problem = f"could not read the engine's model: {type(err).__name__}: {err}"
+    if ctx.world_size > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise WeightSyncError(f"{mode} weight sync to version {version} refused before sending anything: the "
+                              f"trainer's model and the engine's differ ({problem})")
+
+
 def is_source_rank(ctx: ParallelContext) -> bool:
     """The rank that sends its pipeline stage's weights: TP rank 0 of DP replica 0."""
     return ctx.tp_rank == 0 and ctx.dp_rank == 0
@@ -125,6 +163,13 @@ class WeightSync(abc.ABC):
     """
 
     mode: str = ""
+    _shapes_checked = False
+
+    def check_engine_shapes(self, version: int) -> None:
+        """Once (and again after an engine restart): refuse an engine whose model differs, before any bucket."""
+        if not self._shapes_checked:
+            refuse_mismatched_engine(self.model, self.ctx, self.engine, self.mode, version)
+            self._shapes_checked = True
 
     def connect(self) -> None:
         """Set up transport state (process groups, directories). Default: nothing to do."""

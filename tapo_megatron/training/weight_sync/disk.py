@@ -43,6 +43,7 @@ class DiskWeightSync(WeightSync):
     def sync(self, version: int) -> SyncStats:
         stats = SyncStats(mode=self.mode, version=version)
         with Timer() as timer:
+            self.check_engine_shapes(version)
             out = self.root / f"v{version}"
             writer = HFShardWriter(out, max_shard_bytes=max(self.bucket_bytes, 2**30)) if self.ctx.rank == 0 else None
             for bucket in all_stage_buckets(self.model, self.ctx, self.bucket_bytes):

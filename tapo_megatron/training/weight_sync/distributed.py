@@ -99,12 +99,14 @@ class DistributedWeightSync(WeightSync):
                 destroy_weight_update_group(self._group)
                 self._group = None
         self.rebuilds += 1
+        self._shapes_checked = False  # a restarted engine may have come back with another model
         self.connect()
 
     def sync(self, version: int) -> SyncStats:
         stats = SyncStats(mode=self.mode, version=version)
         with Timer() as timer:
             self._rebuild_if_lost()
+            self.check_engine_shapes(version)
             error = None
             if self.ctx.rank == 0:
                 try:

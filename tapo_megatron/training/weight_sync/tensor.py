@@ -93,6 +93,7 @@ class TensorWeightSync(WeightSync):
     def sync(self, version: int) -> SyncStats:
         stats = SyncStats(mode=self.mode, version=version)
         with Timer() as timer:
+            self.check_engine_shapes(version)
             if self.per_rank_ipc:
                 stream = rank_payload_stream(self.model, self.ctx, self.bucket_bytes, self.serialize, stats)
             else:
