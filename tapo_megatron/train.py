@@ -37,13 +37,20 @@ from tapo_megatron.models.qwen3 import shape_from_config
 from tapo_megatron.parallel import ParallelContext, broadcast_object, setup_parallel
 from tapo_megatron.rewards import score_rollouts
 from tapo_megatron.rollout.build import build_engine
-from tapo_megatron.rollout.sampling import rollout_metrics, rollout_sampling, sample_groups
+from tapo_megatron.rollout.sampling import rollout_metrics, rollout_sampling, sample_fresh_groups
 from tapo_megatron.tasks import Task, build_task
 from tapo_megatron.training.actor import MegatronActor
 from tapo_megatron.training.batch import collate
 from tapo_megatron.training.reference import ReferencePolicy
 from tapo_megatron.training.step import policy_step
-from tapo_megatron.training.weight_sync import connect_weight_sync, probe_tokens, push_weights
+from tapo_megatron.training.weight_sync import (
+    connect_weight_sync,
+    probe_tokens,
+    push_weights,
+    refresh_engines,
+    release_engine_memory,
+    resume_engine_memory,
+)
 from tapo_megatron.trajectory.builder import TrajectoryBuilder
 from tapo_megatron.trajectory.constructors import build_constructor
 
@@ -87,7 +94,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     actor, reference, resumed = start_actor(cfg, shape, ctx)
     if resumed is not None:
         stream.load_state(resumed["stream"])
-    engine = build_engine(cfg.rollout, shape, cfg.seed) if ctx.is_main else None
+    engine = build_engine(cfg.rollout, shape, cfg.seed, launch=cfg.launch, num_gpus=ctx.world_size,
+                          train_cfg=cfg) if ctx.is_main else None
     weight_sync = connect_weight_sync(cfg.rollout, actor, engine)
     probes = probe_tokens(shape.vocab_size) if cfg.rollout.weight_sync_check == "logprobs" else None
     push_weights(weight_sync, cfg.rollout, actor, engine, probes)
@@ -105,22 +113,27 @@ def train(cfg: TrainConfig) -> TrainResult:
     for step in bar:
         t0 = time.perf_counter()
         queries = stream.next_batch(cfg.rollout.rollout_batch_size)
-        built = None
+        built, fresh = None, refresh_engines(weight_sync, actor, engine)  # a restarted engine gets the weights
         if ctx.is_main:
             params = rollout_sampling(cfg.rollout, task.tokenizer.eos_id, seed=cfg.seed * 100_003 + step)
-            rollouts = sample_groups(engine, queries, cfg.rollout.n_samples_per_prompt, params, task.tokenizer)  # (1)
+            rollouts, fresh_metrics = sample_fresh_groups(engine, queries, cfg.rollout.n_samples_per_prompt, params,
+                                                          task.tokenizer, actor.iteration,
+                                                          cfg.rollout.max_weight_staleness,
+                                                          cfg.rollout.max_resample_rounds)                   # (1)
             score_rollouts(rollouts, queries, task.reward)                                                     # (2)
             built = builder.build(queries, rollouts, step)                                                     # (3)
-            built.metrics.update(rollout_metrics(rollouts))
+            built.metrics.update({**rollout_metrics(rollouts), **fresh_metrics, **fresh})
         t_rollout = time.perf_counter() - t0
         built = broadcast_object(built, ctx)
         metrics = dict(built.metrics)
+        metrics.update(release_engine_memory(cfg.rollout, cfg.launch, engine))  # colocated: the GPUs to training
         if built.trajectories:
             batch = collate(built.trajectories, task.tokenizer.pad_id, cfg.tapo.train_constructed_prefix)    # (4)
             step_metrics, skipped = policy_step(actor, batch, cfg.algorithm, cfg.tapo, reference, skipped)    # (5)
             metrics.update(step_metrics)
         else:
             actor.skip_step()  # nothing carried signal this step: no update, but the step is consumed
+        metrics.update(resume_engine_memory(cfg.rollout, cfg.launch, engine))
         metrics.update(push_weights(weight_sync, cfg.rollout, actor, engine, probes))                         # (6)
         metrics.update({"time/rollout": t_rollout, "time/step": time.perf_counter() - t0})
         if ctx.is_main:

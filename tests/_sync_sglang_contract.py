@@ -321,3 +321,20 @@ def test_an_engine_error_mid_sync_leaves_it_paused_and_named(plane, monkeypatch)
     finally:
         sync.disconnect()
         engine.shutdown()
+
+
+def test_colocated_launch_argv_pins_gpus_and_parses_with_sglang():
+    from sglang.srt.server_args import prepare_server_args
+
+    from tapo_megatron.config import LaunchConfig, RolloutConfig
+    from tapo_megatron.rollout.build import sglang_launches
+
+    rollout = RolloutConfig(engine="sglang", engine_model_path="/models/qwen3")
+    launches = sglang_launches(rollout, 7, LaunchConfig(engine_placement="colocated", engine_tp=2), num_gpus=4,
+                               mem_fraction=0.31)
+    assert [spec.world_size for spec in launches] == [2, 2]
+    for i, spec in enumerate(launches):
+        args = prepare_server_args([a.replace("{host}", "127.0.0.1").replace("{port}", "31000")
+                                    for a in spec.argv[3:]])
+        assert (args.tp_size, args.base_gpu_id, args.mem_fraction_static) == (2, 2 * i, 0.31)
+        assert args.enable_memory_saver and args.enable_deterministic_inference and args.random_seed == 7

@@ -231,6 +231,11 @@ def native_server_argv(model_path: str, *, python: str = sys.executable, extra: 
             "--port", "{port}", *extra]
 
 
+def _free_device_bytes() -> int | None:
+    """Free memory of this process's GPU (None on CPU): what a colocated engine's release gives back."""
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
+
+
 # ---------------------------------------------------------------------------------------------- CUDA-IPC payloads
 
 
@@ -472,12 +477,14 @@ class SGLangEngine(RolloutEngine):
         max_prompts_per_request: cap on the prompts of one ``/generate`` request (a shard is split above it).
     """
 
-    def __init__(self, servers: Sequence[EngineServer], *, max_retries: int = 3, max_prompts_per_request: int = 1024):
+    def __init__(self, servers: Sequence[EngineServer], *, max_retries: int = 3, max_prompts_per_request: int = 1024,
+                 seeded: bool = True):
         if not servers:
             raise ValueError("SGLangEngine needs at least one server")
         self.servers = list(servers)
         self.max_retries = max_retries
         self.max_prompts_per_request = max_prompts_per_request
+        self.seeded = seeded  # send per-prompt sampling seeds (they hold only under deterministic inference)
         self.stats = EngineStats()
         self.reload_path: str | None = None  # a checkpoint of the current version, for restarted servers
         self._version = 0
@@ -503,8 +510,10 @@ class SGLangEngine(RolloutEngine):
 
     @classmethod
     def connect(cls, urls: Sequence[str], *, startup_timeout_s: float = 600.0, request_timeout_s: float = 600.0,
-                world_sizes: Sequence[int] | None = None, **kwargs: Any) -> "SGLangEngine":
-        """Use running servers; ``world_sizes``: GPUs per server (default: its ``/server_info`` tp_size)."""
+                world_sizes: Sequence[int] | None = None, require_deterministic: bool = False,
+                **kwargs: Any) -> "SGLangEngine":
+        """Use running servers; ``world_sizes``: GPUs per server (default: its ``/server_info`` tp_size);
+        ``require_deterministic``: refuse servers whose ``/server_info`` lacks ``enable_deterministic_inference``."""
         servers = [EngineServer(url=u, startup_timeout_s=startup_timeout_s, request_timeout_s=request_timeout_s,
                                 index=i) for i, u in enumerate(urls)]
         for i, server in enumerate(servers):
@@ -515,6 +524,14 @@ class SGLangEngine(RolloutEngine):
                 info = server.request("GET", "/server_info", timeout=30.0)
                 server.world_size = int(info.get("tp_size", 1)) * int(info.get("pp_size", 1) or 1)
         engine = cls(servers, **kwargs)
+        if require_deterministic:
+            for server in servers:
+                info = server.request("GET", "/server_info", timeout=30.0) or {}
+                if not info.get("enable_deterministic_inference"):
+                    raise EngineError(f"engine {server.index} ({server.url}) runs without "
+                                      "--enable-deterministic-inference, so SGLang ignores sampling seeds and seeded "
+                                      "rollouts are not reproducible; restart it with the flag or set "
+                                      "rollout.deterministic_inference=false")
         versions = {s.weight_version() for s in servers}
         if len(versions) == 1 and None not in versions:
             engine._version = versions.pop()
@@ -590,7 +607,7 @@ class SGLangEngine(RolloutEngine):
 
     def _run_shard(self, server: EngineServer, prompts: list[list[int]], idx: list[int], params: SamplingParams,
                    rids: list[str]) -> list[dict]:
-        seeds = [None if params.seed is None else params.seed + i for i in idx]
+        seeds = [None if params.seed is None or not self.seeded else params.seed + i for i in idx]
         payload = generate_payload([prompts[i] for i in idx], params, rids, seeds)
         with self._lock:
             self.stats.requests += 1
@@ -825,12 +842,18 @@ class SGLangEngine(RolloutEngine):
         """Free the engines' GPU memory (weights, KV cache, CUDA graphs) for the train step. SGLang asserts the
         server is idle (``release_memory_occupation``), so generation is paused first; refused when the engine
         holds a partial update. Returns ``engine/release_seconds``."""
+        if self._broken is not None:
+            raise EngineError(self._broken)
         start = time.perf_counter()
+        free_before = _free_device_bytes()
         for server in self.servers:
             server.post("/pause_generation", pause_payload())
         for server in self.servers:
             server.post("/release_memory_occupation", memory_payload())
-        return {"engine/release_seconds": time.perf_counter() - start}
+        metrics = {"engine/release_seconds": time.perf_counter() - start}
+        if free_before is not None:  # colocated: the engine's memory comes back on this process's GPU
+            metrics["engine/released_gb"] = (_free_device_bytes() - free_before) / 1e9
+        return metrics
 
     def resume_memory(self) -> dict[str, float]:
         start = time.perf_counter()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from tapo_megatron.config import RolloutConfig
+from tapo_megatron.parallel import broadcast_object
 from tapo_megatron.rollout.base import RolloutEngine
 from tapo_megatron.training.weight_sync.check import check_logprobs, engine_prompt_logprobs, probe_tokens
 from tapo_megatron.training.weight_sync.common import (
@@ -106,10 +107,40 @@ def push_weights(sync: WeightSync, rollout: RolloutConfig, actor, engine: Rollou
     return metrics
 
 
+def refresh_engines(sync: WeightSync, actor, engine: RolloutEngine | None) -> dict:
+    """Before a rollout: when an engine server does not serve the trainer's version (it restarted on its launch
+    weights), push the current weights now (the distributed transport first rebuilds the lost update group), so
+    no stale server samples. Collective. Returns ``sync/refreshed_engines``."""
+    stale = engine.stale_servers() if engine is not None and actor.ctx.rank == 0 else []
+    stale = broadcast_object(stale, actor.ctx)
+    if stale:
+        sync.sync(actor.iteration)
+    return {"sync/refreshed_engines": float(len(stale))}
+
+
+def release_engine_memory(rollout: RolloutConfig, launch, engine: RolloutEngine | None) -> dict:
+    """Colocated SGLang: free the engines' weights and KV cache before the train step (rank 0; the engines are
+    idle: the step's rollouts are done). Returns the engine's ``engine/*`` metrics (seconds, freed GB)."""
+    if engine is None or not _colocated_sglang(rollout, launch):
+        return {}
+    return engine.release_memory() or {}
+
+
+def resume_engine_memory(rollout: RolloutConfig, launch, engine: RolloutEngine | None) -> dict:
+    """Undo ``release_engine_memory`` after the train step, before the weight sync loads into the engines."""
+    if engine is None or not _colocated_sglang(rollout, launch):
+        return {}
+    return engine.resume_memory() or {}
+
+
+def _colocated_sglang(rollout: RolloutConfig, launch) -> bool:
+    return rollout.engine == "sglang" and launch.engine_placement == "colocated" and not rollout.engine_urls
+
+
 __all__ = [
     "DiskWeightSync", "FlatBucket", "FlatTensorMeta", "SYNC_MODES", "SyncStats", "TensorWeightSync", "WeightSync",
     "WeightSyncError", "all_stage_buckets", "bucket_nbytes", "check_logprobs", "engine_prompt_logprobs",
     "connect_weight_sync", "flatten_by_dtype", "gather_hf_state", "make_weight_sync", "probe_tokens",
-    "push_weights", "source_stage_buckets",
+    "push_weights", "refresh_engines", "release_engine_memory", "resume_engine_memory", "source_stage_buckets",
     "sync_weights", "unflatten",
 ]
