@@ -61,7 +61,8 @@ from tapo_megatron.rollout.native import NativeEngine
 logger = logging.getLogger("tapo.remote_engine")
 
 # SGLang sends dtypes as strings such as "torch.bfloat16" (str(torch.dtype)) or "bfloat16".
-_DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32")}
+_DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32",
+                                                   "uint8")}
 
 
 def parse_dtype(text: str) -> torch.dtype:
