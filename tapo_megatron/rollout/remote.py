@@ -17,21 +17,24 @@ Endpoints (request body -> response), as in SGLang:
                        "output_token_logprobs": [[logprob, token_id, null], ...], "input_token_logprobs"?,
                        "weight_version", "prompt_tokens", "completion_tokens"}}
     POST /init_weights_update_group      {master_address, master_port, rank_offset, world_size, group_name, backend}
-    POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version, ...}
+    POST /begin_weight_update, /end_weight_update   a weight-update session, with SGLang 0.5.23's rules and messages
+    POST /update_weights_from_distributed {names, dtypes, shapes, group_name, load_format, ...}: refused outside a
+                                         session; load_format "flattened_bucket": one buffer, one broadcast
     POST /update_weight_version          {new_version, abort_all_requests}
     POST /destroy_weights_update_group   {group_name}
     POST /update_weights_from_disk       {model_path, load_format, weight_version, flush_cache, ...}
     POST /get_weights_by_name            {name, truncate_size} -> first ``truncate_size`` values, flattened
     GET|POST /flush_cache, POST /release_memory_occupation, /resume_memory_occupation, /pause_generation,
     /continue_generation, /abort_request
-All POSTs answer {"success": bool, "message": str} unless stated.
+Weight-update POSTs answer {"success": bool, "message": str} (HTTP 400 when false); /flush_cache answers plain text,
+/health an empty 200, the memory endpoints null, as SGLang's http_server does.
 
 Atomic weight updates (stronger than SGLang, which writes each bucket into the live model): broadcast buckets are
 staged, not applied. The staged set is committed - validated in full and copied into the model in one step by
 ``NativeEngine.update_weights`` - when a request carries a weight version (``/update_weight_version``, or an
 ``update_weights_from_distributed`` bucket with ``weight_version``). A sync that stops half-way therefore leaves the
-previous weights and version serving; its partial stage is dropped when the next sync starts (``/pause_generation``,
-a group (re)initialisation, or a tensor name arriving twice).
+previous weights and version serving; its partial stage is dropped when the next session opens
+(``/begin_weight_update``), at a group (re)initialisation, or when a tensor name arrives twice.
 
 ``--generate-delay-s`` sleeps before each generation: fault-injection tests use it to kill the server while a
 request is in flight. Each served request is logged as ``served rid=<rid>`` (tests count these lines).
