@@ -235,6 +235,9 @@ def test_tensor_sync_through_sglang_flattened_bucket_loader(plane):
     engine.servers[0].post("/begin_weight_update", adapter.begin_payload())
     with pytest.raises(adapter.EngineError, match="already open"):
         engine.servers[0].post("/begin_weight_update", adapter.begin_payload())
+    # A session left open (a trainer died mid-sync) is closed by the next sync, which then completes.
+    engine.update_weights_from_tensor([list(_weights(4).items())], 8)
+    assert plane.scheduler.weight_version == "8" and plane.manager._session is None
     engine.shutdown()
 
 

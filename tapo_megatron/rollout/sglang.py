@@ -231,6 +231,19 @@ def native_server_argv(model_path: str, *, python: str = sys.executable, extra: 
             "--port", "{port}", *extra]
 
 
+def _open_session(server: "EngineServer") -> None:
+    """``/begin_weight_update``; a session left open by an earlier trainer that died mid-sync is closed first
+    (SGLang refuses a second ``begin`` with "already open")."""
+    try:
+        server.post("/begin_weight_update", begin_payload())
+    except EngineError as err:
+        if "already open" not in str(err):
+            raise
+        logger.warning("engine %d had a weight-update session open (a sync died?): closing it", server.index)
+        server.post("/end_weight_update", end_payload())
+        server.post("/begin_weight_update", begin_payload())
+
+
 def _free_device_bytes() -> int | None:
     """Free memory of this process's GPU (None on CPU): what a colocated engine's release gives back."""
     return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else None
@@ -682,7 +695,7 @@ class SGLangEngine(RolloutEngine):
         weight-update session on every server (SGLang ``SchedulerWeightUpdaterManager.begin_weight_update``)."""
         self._check_open()
         self._each("pause", version, lambda s: s.post("/pause_generation", pause_payload()))
-        self._each("open session", version, lambda s: s.post("/begin_weight_update", begin_payload()))
+        self._each("open session", version, _open_session)
 
     def end_weight_update(self, version: int, ok: bool = True, reason: str = "") -> None:
         """Close the session on every server (SGLang ``end_weight_update``); on success set the version
