@@ -183,6 +183,7 @@ def stage_weight_buckets(
     *,
     device: torch.device | str,
     optional: Iterable[str] = (),
+    owned: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Drain a weight stream into staging copies, validating every tensor; touch no model.
 
@@ -193,6 +194,8 @@ def stage_weight_buckets(
         device: where the staging copies live (the engine's device).
         optional: names that may arrive but need not (e.g. a tied ``lm_head.weight``); they must still match
             ``expected`` when they do.
+        owned: the caller hands over tensors nobody else holds (e.g. received by broadcast): stage them without a
+            copy when they are already on ``device``.
 
     Returns:
         name -> staged tensor (detached copy on ``device``), containing every required name.
@@ -214,7 +217,7 @@ def stage_weight_buckets(
             if error is not None:
                 staged.clear()  # free the staging copies now; nothing will be applied
                 break
-            staged[name] = tensor.detach().to(device=device, copy=True)
+            staged[name] = tensor.detach().to(device=device, copy=not owned)
     if error is not None:
         raise error
     missing = [name for name in expected if name not in staged and name not in optional]

@@ -328,7 +328,7 @@ class NativeEngineServer:
         with self._weights_lock:
             if staged:
                 try:
-                    self.engine.update_weights([list(staged.items())], version)
+                    self.engine.update_weights([list(staged.items())], version, owned=True)  # received here
                 except WeightUpdateError as err:
                     return {"success": False, "message": f"weight update refused, still serving version "
                                                          f"{self.engine.weight_version}: {err}"}
