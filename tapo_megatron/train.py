@@ -96,7 +96,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         stream.load_state(resumed["stream"])
     engine = build_engine(cfg.rollout, shape, cfg.seed, launch=cfg.launch, num_gpus=ctx.world_size,
                           train_cfg=cfg) if ctx.is_main else None
-    weight_sync = connect_weight_sync(cfg.rollout, actor, engine)
+    weight_sync = connect_weight_sync(cfg.rollout, actor, engine, engine_tp=cfg.launch.engine_tp)
     probes = probe_tokens(shape.vocab_size) if cfg.rollout.weight_sync_check == "logprobs" else None
     push_weights(weight_sync, cfg.rollout, actor, engine, probes)
     builder = None  # rollouts, construction and trajectory building happen on rank 0, next to the engine

@@ -2,7 +2,7 @@
 payloads with ``rank_payload_stream`` and a serializer that records which trainer rank built each payload and what
 it holds; rank 0 feeds them to an engine stub that records what each engine TP rank would receive.
 
-    torchrun --nproc_per_node 2 tests/_ipc_payload_worker.py OUT.pt
+    torchrun --nproc_per_node 2 tests/_ipc_payload_worker.py OUT.pt   (engine TP 2, then engine TP 1)
 """
 import sys
 
@@ -43,14 +43,19 @@ def main(out: str) -> None:
     ctx = init_parallel(2, 1, seed=7)
     actor = MegatronActor(SHAPE, ctx, OptimizerConfig(), ParallelConfig(micro_batch_size=2))
     actor.load_hf_state(hf_weights(SHAPE))
-    engine = RecordingEngine() if ctx.rank == 0 else None
-    sync = TensorWeightSync(actor.module, ctx, engine, 16 * 1024, per_rank_ipc=True, serialize=serialize)
-    stats = sync.sync(3)
+    results = {}
+    for engine_tp in (2, 1):
+        engine = RecordingEngine() if ctx.rank == 0 else None
+        sync = TensorWeightSync(actor.module, ctx, engine, 16 * 1024, per_rank_ipc=True, serialize=serialize,
+                                engine_tp=engine_tp)
+        stats = sync.sync(3)
+        if ctx.rank == 0:
+            results[engine_tp] = {"received": engine.received, "version": engine.weight_version,
+                                  "buckets": len(stats.bucket_bytes), "bytes": stats.bytes}
     if ctx.rank == 0:
         expected = hf_weights(SHAPE)
-        torch.save({"received": engine.received, "version": engine.weight_version, "buckets": len(stats.bucket_bytes),
-                    "bytes": stats.bytes,
-                    "expected_bytes": sum(t.numel() * t.element_size() for t in expected.values())}, out)
+        results["expected_bytes"] = sum(t.numel() * t.element_size() for t in expected.values())
+        torch.save(results, out)
     dist.barrier()
 
 

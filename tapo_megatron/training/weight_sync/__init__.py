@@ -60,11 +60,13 @@ def gather_hf_state(actor, bucket_bytes: int = 2**26) -> dict[str, torch.Tensor]
 
 
 def make_weight_sync(mode: str, actor, engine: RolloutEngine | None, bucket_bytes: int, *,
-                     disk_root: str = "", master_address: str = "127.0.0.1", per_rank_ipc: bool = False) -> WeightSync:
+                     disk_root: str = "", master_address: str = "127.0.0.1", per_rank_ipc: bool = False,
+                     engine_tp: int = 1) -> WeightSync:
     """The transport for ``rollout.weight_sync_mode``; ``engine``: rank 0's engine (distributed: an engine client
     on every source rank), ``disk_root`` for disk. Unknown modes are refused by name."""
     if mode == "colocated":
-        return TensorWeightSync(actor.module, actor.ctx, engine, bucket_bytes, per_rank_ipc=per_rank_ipc)
+        return TensorWeightSync(actor.module, actor.ctx, engine, bucket_bytes, per_rank_ipc=per_rank_ipc,
+                                engine_tp=engine_tp)
     if mode == "distributed":
         from tapo_megatron.training.weight_sync.distributed import DistributedWeightSync
 
@@ -76,11 +78,11 @@ def make_weight_sync(mode: str, actor, engine: RolloutEngine | None, bucket_byte
     raise ValueError(f"rollout.weight_sync_mode={mode!r}: expected one of {', '.join(SYNC_MODES)}")
 
 
-def connect_weight_sync(rollout: RolloutConfig, actor, engine: RolloutEngine | None) -> WeightSync:
+def connect_weight_sync(rollout: RolloutConfig, actor, engine: RolloutEngine | None, engine_tp: int = 1) -> WeightSync:
     """The transport of ``rollout.weight_sync_mode`` (colocated / distributed / disk), connected. Collective.
 
     Distributed: every PP stage's source rank posts to the servers, so the source ranks other than rank 0 get an
-    engine client of the same URLs (``rollout.engine_urls``). Colocated SGLang with engine TP > 1: one CUDA-IPC
+    engine client of the same URLs (``rollout.engine_urls``). Colocated SGLang on several GPUs: one CUDA-IPC
     payload per engine TP rank, built by the trainer rank on that GPU."""
     if rollout.weight_sync_mode == "distributed" and engine is None and is_source_rank(actor.ctx):
         from tapo_megatron.rollout.sglang import SGLangEngine
@@ -89,10 +91,12 @@ def connect_weight_sync(rollout: RolloutConfig, actor, engine: RolloutEngine | N
             raise ValueError("weight_sync_mode='distributed' needs the engine servers (rollout.engine_urls)")
         engine = SGLangEngine.connect(rollout.engine_urls, startup_timeout_s=rollout.engine_startup_timeout_s,
                                       request_timeout_s=rollout.engine_request_timeout_s)
-    per_rank_ipc = rollout.engine == "sglang" and torch.cuda.is_available() and actor.ctx.tp_size > 1
+    # Colocated SGLang on several GPUs: each engine rank reads the copy of the trainer rank on its own GPU.
+    per_rank_ipc = (rollout.weight_sync_mode == "colocated" and rollout.engine == "sglang"
+                    and torch.cuda.is_available() and actor.ctx.world_size > 1)
     sync = make_weight_sync(rollout.weight_sync_mode, actor, engine, int(rollout.weight_sync_bucket_mb * 2**20),
                             disk_root=rollout.weight_sync_dir, master_address=rollout.weight_sync_master_address,
-                            per_rank_ipc=per_rank_ipc)
+                            per_rank_ipc=per_rank_ipc, engine_tp=engine_tp)
     sync.connect()
     return sync
 
