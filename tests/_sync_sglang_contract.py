@@ -341,3 +341,9 @@ def test_colocated_launch_argv_pins_gpus_and_parses_with_sglang():
                                     for a in spec.argv[3:]])
         assert (args.tp_size, args.base_gpu_id, args.mem_fraction_static) == (2, 2 * i, 0.31)
         assert args.enable_memory_saver and args.enable_deterministic_inference and args.random_seed == 7
+        # /server_info is build_server_info(server_args) = resolved_dict() + scheduler info: the keys
+        # SGLangEngine.connect reads (tp_size, and enable_deterministic_inference when seeds must hold)
+        from sglang.srt.utils.common import build_server_info
+
+        info = build_server_info(args, {})
+        assert info["enable_deterministic_inference"] is True and info["tp_size"] == 2

@@ -28,3 +28,33 @@ def test_engine_tp_must_divide_the_gpus_and_pins_each_engine():
                                1, LaunchConfig(engine_placement="separate", engine_nodes=1), num_gpus=8)
     assert len(separate) == 3 and not any("--enable-memory-saver" in " ".join(s.argv) for s in separate)
     assert not any("--enable-deterministic-inference" in " ".join(s.argv) for s in separate)
+
+
+def test_connected_server_without_deterministic_inference_is_refused(tmp_path):
+    import sys
+    from pathlib import Path
+
+    from tapo_megatron.rollout.sglang import EngineError, SGLangEngine, ServerLaunch
+
+    fake = Path(__file__).parent / "_sync_fake_sglang.py"  # its /server_info has no enable_deterministic_inference
+    launched = SGLangEngine.launch([ServerLaunch(argv=[sys.executable, str(fake), "--host", "{host}", "--port",
+                                                       "{port}"], log_dir=str(tmp_path))], startup_timeout_s=60)
+    try:
+        url = launched.servers[0].url
+        with pytest.raises(EngineError, match=r"engine 0 .* without --enable-deterministic-inference"):
+            SGLangEngine.connect([url], require_deterministic=True, startup_timeout_s=10)
+        assert SGLangEngine.connect([url], startup_timeout_s=10).servers[0].world_size == 1
+    finally:
+        launched.shutdown()
+
+
+def test_colocated_sglang_with_pipeline_parallelism_is_refused():
+    from tapo_megatron.config import TrainConfig
+
+    cfg = load_recipe("qwen3_8b_tapo", "h100_1x8")
+    cfg.rollout.engine, cfg.rollout.engine_model_path, cfg.rollout.engine_urls = "sglang", "/m", []
+    cfg.rollout.weight_sync_mode, cfg.launch.engine_placement = "colocated", "colocated"
+    cfg.parallel.pipeline_model_parallel_size = 2
+    assert isinstance(cfg, TrainConfig)
+    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=1"):
+        cfg.validate()
