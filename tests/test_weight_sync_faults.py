@@ -3,9 +3,10 @@ engine serving a half-updated model afterwards.
 
 * An unreachable engine URL.
 * A model whose shapes differ from the engine's: refused before any bucket is sent.
-* An engine killed in the middle of a distributed sync: the sync fails naming version and engine, the engine
-  refuses to generate; after its restart the next sync sees the lost update group, rebuilds it and pushes the
-  current weights (the engine then scores like the actor within 1e-4 and reports the new version).
+* One of two engines killed in the middle of a distributed sync (one update group per engine): the sync fails
+  naming version and engine, the engine refuses to generate; after the restart the next sync sees the lost group,
+  rebuilds only that one and pushes the current weights (both servers then score like the actor within 1e-4 and
+  report the new version).
 (An engine that answers an error mid-sync runs against SGLang's own manager in tests/_sync_sglang_contract.py.)
 """
 import json
@@ -61,37 +62,39 @@ def test_engine_killed_mid_sync_then_restarted_gets_its_group_rebuilt(actor, tmp
     model_dir = tmp_path / "engine_model"
     model_dir.mkdir()
     (model_dir / "config.json").write_text(json.dumps(SHAPE.to_hf()))
-    engine = SGLangEngine.launch([ServerLaunch(argv=native_server_argv(str(model_dir), extra=["--seed", "99"]),
-                                               env=ENV, log_dir=str(tmp_path))], startup_timeout_s=120,
-                                 request_timeout_s=30)
+    launch = ServerLaunch(argv=native_server_argv(str(model_dir), extra=["--seed", "99"]), env=ENV,
+                          log_dir=str(tmp_path))
+    engine = SGLangEngine.launch([launch, launch], startup_timeout_s=120, request_timeout_s=30)
     sync = distributed_module.DistributedWeightSync(actor.module, actor.ctx, engine, 16 * 1024, group_timeout_s=15)
     probes = probe_tokens(SHAPE.vocab_size)
     try:
         sync.connect()
         sync.sync(1)
         assert check_logprobs(actor, engine, probes, atol=1e-4) <= 1e-4
+        group0 = sync._groups[0]
         real_export = distributed_module.export_hf_weights
 
         def killing_export(model, ctx, nbytes):
             for i, bucket in enumerate(real_export(model, ctx, nbytes)):
                 if i == 2:
-                    os.killpg(engine.servers[0].process.pid, signal.SIGKILL)
-                    engine.servers[0].process.wait()
+                    os.killpg(engine.servers[1].process.pid, signal.SIGKILL)
+                    engine.servers[1].process.wait()
                 yield bucket
 
         monkeypatch.setattr(distributed_module, "export_hf_weights", killing_export)
-        with pytest.raises(WeightSyncError, match=r"version 2 failed.*engine 0 \(http"):
+        with pytest.raises(WeightSyncError, match=r"version 2 failed.*engine 1 \(http"):
             sync.sync(2)
         monkeypatch.setattr(distributed_module, "export_hf_weights", real_export)
         with pytest.raises(EngineError, match="partial weight update to version 2"):
             engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2))
-        engine.servers[0].restart()  # comes back with its launch weights and no update group
-        assert engine.groups_lost() and engine.stale_servers() == [0]
+        engine.servers[1].restart()  # comes back with its launch weights and no update group
+        assert engine.lost_groups() == [1] and engine.stale_servers() == [0, 1]  # all paused mid-update
         sync.sync(3)
-        assert sync.rebuilds == 1 and engine.weight_version == 3 and engine.servers[0].weight_version() == 3
+        assert sync.rebuilds == 1 and sync._groups[0] is group0  # only the restarted engine's group was rebuilt
+        assert engine.weight_version == 3 and [s.weight_version() for s in engine.servers] == [3, 3]
         assert check_logprobs(actor, engine, probes, atol=1e-4) <= 1e-4
-        gens = engine.generate([[1, 2, 3]], SamplingParams(temperature=0.0, max_new_tokens=2))
-        assert gens[0].weight_version == 3
+        gens = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(temperature=0.0, max_new_tokens=2))
+        assert [g.weight_version for g in gens] == [3, 3]
     finally:
         sync.disconnect()
         engine.shutdown()

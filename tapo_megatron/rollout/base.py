@@ -10,7 +10,7 @@ transports in ``training/weight_sync`` call these and never look at the engine's
 
     engine.update_weights_from_tensor(buckets, version)          # colocated (in-process: ``update_weights``)
     engine.update_weights_from_disk(hf_dir, version)             # disk
-    engine.init_weights_update_group(addr, port, name, backend, join)   # distributed: the group ...
+    engine.init_weights_update_group(addr, port, name, backend, join)   # distributed: a group per server ...
     engine.begin_weight_update(version)                          # ... a session per sync ...
     engine.update_weights_from_distributed(flat, name, version, send)   # ... one broadcast per bucket ...
     engine.end_weight_update(version, ok)                        # ... closed, versioned, cache flushed
@@ -90,25 +90,27 @@ class RolloutEngine(abc.ABC):
             reader.close()
 
     def init_weights_update_group(self, master_address: str, master_port: int, group_name: str, backend: str,
-                                  join: Callable[[int], None]) -> None:
-        """Distributed transport: make a weight-update group with the engine's GPUs; ``join(world_size)`` joins
-        the trainer side as group rank 0."""
+                                  join: Callable[[int], None], servers: Sequence[int] | None = None) -> None:
+        """Distributed transport: make a weight-update group with the GPUs of ``servers`` (default: all);
+        ``join(world_size)`` joins the trainer side as group rank 0."""
         raise WeightUpdateError(f"{type(self).__name__} runs in the trainer's process and has no weight-update "
                                 f"group; use rollout.weight_sync_mode=colocated or disk")
 
-    def destroy_weights_update_group(self, group_name: str) -> None:
+    def destroy_weights_update_group(self, group_name: str, servers: Sequence[int] | None = None) -> None:
         """Tear the group down (best effort)."""
 
-    def groups_lost(self) -> bool:
-        """True when a restart destroyed the engine's side of its update group (rebuild before the next sync)."""
-        return False
+    def lost_groups(self) -> list[int]:
+        """Servers whose side of their update group a restart destroyed (rebuild those before the next sync)."""
+        return []
 
     def begin_weight_update(self, version: int) -> None:
         """Open a weight-update session (pause generation first)."""
         self.init_weights_update_group("", 0, "", "", lambda world: None)  # refuses: no group, no session
 
-    def update_weights_from_distributed(self, flat, group_name: str, version: int, send: Callable[[], None]) -> None:
-        """Announce one flattened bucket (``rollout.buckets.FlatBucket``), then ``send()`` broadcasts it."""
+    def update_weights_from_distributed(self, flat, group_name: str, version: int, send: Callable[[], None],
+                                        servers: Sequence[int] | None = None) -> None:
+        """Announce one flattened bucket (``rollout.buckets.FlatBucket``) to ``servers``, then ``send()``
+        broadcasts it."""
         self.init_weights_update_group("", 0, group_name, "", lambda world: None)
 
     def end_weight_update(self, version: int, ok: bool = True, reason: str = "") -> None:

@@ -748,52 +748,56 @@ class SGLangEngine(RolloutEngine):
                 for flat in flatten_by_dtype(bucket)]
 
     def init_weights_update_group(self, master_address: str, master_port: int, group_name: str, backend: str,
-                                  join) -> None:
-        """Create one update group with every server (SGLang ``init_weights_update_group``; engine ``i`` joins at
-        ``rank_offset`` 1 + the TP sizes before it). ``join(world_size)`` joins the trainer side as rank 0 while
-        the servers' requests are in flight (the rendezvous needs both)."""
-        world = 1 + sum(s.world_size for s in self.servers)
-        offsets = [1 + sum(s.world_size for s in self.servers[:i]) for i in range(len(self.servers))]
+                                  join, servers: Sequence[int] | None = None) -> None:
+        """Create one update group with the given servers (default: all; SGLang ``init_weights_update_group``:
+        server ``i`` joins at ``rank_offset`` 1 + the TP sizes before it). ``join(world_size)`` joins the trainer
+        side as rank 0 while the servers' requests are in flight (the rendezvous needs both)."""
+        chosen = [self.servers[i] for i in (range(len(self.servers)) if servers is None else servers)]
+        world = 1 + sum(s.world_size for s in chosen)
+        offsets = [1 + sum(s.world_size for s in chosen[:i]) for i in range(len(chosen))]
         futures = [self._pool.submit(s.post, "/init_weights_update_group",
                                      init_group_payload(master_address, master_port, off, world, group_name, backend))
-                   for s, off in zip(self.servers, offsets)]
+                   for s, off in zip(chosen, offsets)]
         join(world)
-        for server, future in zip(self.servers, futures):
+        for server, future in zip(chosen, futures):
             try:
                 future.result()
             except EngineError as err:
                 raise EngineError(f"init weight update group {group_name!r}: {err}") from None
             server.group_epoch = server.restarts
 
-    def destroy_weights_update_group(self, group_name: str) -> None:
-        """Best effort on every server (a restarted one has no group left: SGLang answers 400, ignored)."""
-        for server in self.servers:
+    def destroy_weights_update_group(self, group_name: str, servers: Sequence[int] | None = None) -> None:
+        """Best effort (a restarted server has no group left: SGLang answers 400, ignored)."""
+        for i in range(len(self.servers)) if servers is None else servers:
             try:
-                server.post("/destroy_weights_update_group", {"group_name": group_name}, timeout=30.0)
+                self.servers[i].post("/destroy_weights_update_group", {"group_name": group_name}, timeout=30.0)
             except EngineError:
                 pass
 
-    def groups_lost(self) -> bool:
-        """A server restarted since its update group was created: the group must be rebuilt before a sync."""
-        return any(s.group_epoch != s.restarts for s in self.servers)
+    def lost_groups(self) -> list[int]:
+        """Servers restarted since their update group was created: those groups must be rebuilt before a sync."""
+        return [i for i, s in enumerate(self.servers) if s.group_epoch != s.restarts]
 
-    def update_weights_from_distributed(self, flat: FlatBucket, group_name: str, version: int, send) -> None:
-        """Announce one flattened bucket to every server (``/update_weights_from_distributed``, inside the open
-        session), then ``send()`` broadcasts it as group rank 0 while the servers receive; waits for every answer."""
+    def update_weights_from_distributed(self, flat: FlatBucket, group_name: str, version: int, send,
+                                        servers: Sequence[int] | None = None) -> None:
+        """Announce one flattened bucket to the given servers (default: all; ``/update_weights_from_distributed``,
+        inside the open session), then ``send()`` broadcasts it as group rank 0 while they receive; waits for every
+        answer and raises one EngineError naming the engine(s) and the version."""
+        chosen = [self.servers[i] for i in (range(len(self.servers)) if servers is None else servers)]
         payload = update_distributed_payload(flat, group_name)
-        futures = [self._pool.submit(s.post, "/update_weights_from_distributed", payload) for s in self.servers]
+        futures = [self._pool.submit(s.post, "/update_weights_from_distributed", payload) for s in chosen]
         errors = []
         try:
             send()
         except Exception as err:  # noqa: BLE001 - a peer that died mid-broadcast: name it below
             errors.append(f"broadcast failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})")
-        for server, future in zip(self.servers, futures):
+        for future in futures:
             try:
                 future.result()
             except EngineError as err:
                 errors.append(str(err))
         if errors:
-            errors += [f"engine {s.index} ({s.url}) is down" for s in self.servers if not s.alive()]
+            errors += [f"engine {s.index} ({s.url}) is down" for s in chosen if not s.alive()]
             raise EngineError(f"weight update to version {version}, bucket of {len(flat.metadata)} tensor(s): "
                               + "; ".join(errors))
 

@@ -60,7 +60,8 @@ def run(shape_cfg: dict, mode: str, bucket_bytes: int, repeats: int, dtype: str)
             syncs = {name: DistributedWeightSync(actor.module, ctx, engine, b)
                      for name, b in (("bucketed", bucket_bytes), ("per_tensor", 1))}
             syncs["bucketed"].connect()
-            syncs["per_tensor"]._group = syncs["bucketed"]._group  # one group serves both
+            syncs["per_tensor"]._groups = syncs["bucketed"]._groups  # the same groups serve both
+            syncs["per_tensor"]._pool = syncs["bucketed"]._pool
         else:
             engine = NativeEngine(shape.to_hf(), dtype=getattr(torch, dtype))
             syncs = {name: TensorWeightSync(actor.module, ctx, engine, b)
@@ -129,8 +130,8 @@ def _single_broadcast_seconds(engine, sync, nbytes: int) -> float:
                                                     nbytes)])
     start = time.perf_counter()
     engine.begin_weight_update(engine.weight_version)
-    engine.update_weights_from_distributed(bucket, sync.group_name, engine.weight_version,
-                                           send=lambda: torch.distributed.broadcast(flat, src=0, group=sync._group))
+    engine.update_weights_from_distributed(bucket, sync.group_name(0), engine.weight_version, servers=[0],
+                                           send=lambda: torch.distributed.broadcast(flat, src=0, group=sync._groups[0]))
     for server in engine.servers:  # close without committing: the staged "bench.flat" is dropped at the next begin
         server.post("/end_weight_update", {})
         server.post("/continue_generation", {})

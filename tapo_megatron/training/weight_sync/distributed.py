@@ -1,16 +1,17 @@
 """Disaggregated weight sync: trainer source ranks broadcast buckets to engines in another pool.
 
-One weight-update group per pipeline stage (``tapo-pp{stage}``): group rank 0 is the stage's source rank (TP 0,
-DP 0), ranks 1.. are the engines' GPUs. The transport drives the engine's receiving end (``RolloutEngine``:
+One weight-update group per pipeline stage and engine server (``tapo-pp{stage}-e{i}``): group rank 0 is the
+stage's source rank (TP 0, DP 0), ranks 1.. are that engine's GPUs, so a restarted engine rebuilds only its own
+group. The transport drives the engine's receiving end (``RolloutEngine``:
 ``init_weights_update_group``, ``begin_weight_update``, ``update_weights_from_distributed``, ``end_weight_update``)
 and never looks at the engine's type. Per sync (SGLang 0.5.23's rules, see ``rollout/sglang.py``):
 
-    rank 0:   when an engine restarted since its group was made, every source rank rebuilds its group (collective)
+    rank 0:   engines restarted since their groups were made: every source rank rebuilds those groups (collective)
     rank 0:   begin_weight_update: /pause_generation (abort) + /begin_weight_update on every server
     all:      iterate the stage export in lockstep (TP all-gathers); per bucket the source rank flattens it into
               ONE buffer (``flatten_for_broadcast``), announces it (/update_weights_from_distributed,
-              ``load_format="flattened_bucket"``) and broadcasts it once; the next bucket is exported while the
-              engines answer (the export of bucket k+1 overlaps the receive of bucket k)
+              ``load_format="flattened_bucket"``) and broadcasts it once per engine group (engines in parallel);
+              the next bucket is exported while the engines answer (export of k+1 overlaps the receive of k)
     all:      all-reduce "did every source succeed" over the trainer world
     rank 0:   end_weight_update: /end_weight_update, and on success /update_weight_version + /flush_cache +
               /continue_generation; on failure the engine stays paused (SGLang holds a partial update)
@@ -65,42 +66,51 @@ class DistributedWeightSync(WeightSync):
         self.backend = backend or ctx.backend
         self.master_address = master_address
         self.group_timeout_s = group_timeout_s
-        self.group_name = f"tapo-pp{ctx.pp_rank}"
-        self._group: dist.ProcessGroup | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsync")
+        self._groups: dict[int, dist.ProcessGroup] = {}  # engine server index -> its update group
+        self._pool: ThreadPoolExecutor | None = None  # one thread per engine group
+        self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsync-send")  # one bucket in flight
         self.rebuilds = 0
 
-    def connect(self) -> None:
-        """Create this stage's weight-update group with every engine (collective over trainer ranks)."""
+    def group_name(self, server: int) -> str:
+        return f"tapo-pp{self.ctx.pp_rank}-e{server}"
+
+    def connect(self, servers: list[int] | None = None) -> None:
+        """Create this stage's update group with each engine server (one group per engine, so a restarted engine
+        rebuilds only its own); collective over trainer ranks."""
         if is_source_rank(self.ctx):
             if self.engine is None:
                 raise WeightSyncError(f"source rank {self.ctx.rank} has no engine client to reach the servers")
-            port = free_port(self.master_address)
+            count = len(self.engine.servers)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1 + count, thread_name_prefix="wsync")
+            for i in range(count) if servers is None else servers:
+                port = free_port(self.master_address)
 
-            def join(world: int) -> None:
-                self._group = init_weight_update_group(
-                    master_address=self.master_address, master_port=port, rank=0, world_size=world,
-                    group_name=self.group_name, backend=self.backend, timeout_s=self.group_timeout_s)
+                def join(world: int, i: int = i, port: int = port) -> None:
+                    self._groups[i] = init_weight_update_group(
+                        master_address=self.master_address, master_port=port, rank=0, world_size=world,
+                        group_name=self.group_name(i), backend=self.backend, timeout_s=self.group_timeout_s)
 
-            self.engine.init_weights_update_group(self.master_address, port, self.group_name, self.backend, join)
+                self.engine.init_weights_update_group(self.master_address, port, self.group_name(i), self.backend,
+                                                      join, servers=[i])
         if self.ctx.world_size > 1:
             dist.barrier()
 
     def _rebuild_if_lost(self) -> None:
-        """A restarted engine lost its side of every update group: rebuild them all (collective)."""
-        lost = bool(self.ctx.rank == 0 and self.engine is not None and self.engine.groups_lost())
+        """Engines that restarted lost their side of their update groups: rebuild those (collective)."""
+        lost = self.engine.lost_groups() if self.ctx.rank == 0 and self.engine is not None else []
         if self.ctx.world_size > 1:
             lost = broadcast_object(lost, self.ctx)
         if not lost:
             return
         if is_source_rank(self.ctx):
-            self.engine.destroy_weights_update_group(self.group_name)
-            if self._group is not None:
-                destroy_weight_update_group(self._group)
-                self._group = None
+            for i in lost:
+                self.engine.destroy_weights_update_group(self.group_name(i), servers=[i])
+                if i in self._groups:
+                    destroy_weight_update_group(self._groups.pop(i))
         self.rebuilds += 1
         self._shapes_checked = False  # a restarted engine may have come back with another model
-        self.connect()
+        self.connect(lost)
 
     def sync(self, version: int) -> SyncStats:
         stats = SyncStats(mode=self.mode, version=version)
@@ -144,7 +154,7 @@ class DistributedWeightSync(WeightSync):
         the next bucket with the engines' receive. Returns the first error (the source then stops sending but keeps
         iterating, so its TP peers' all-gathers still match)."""
         source = is_source_rank(self.ctx)
-        if source and self._group is None:
+        if source and not self._groups:
             return "not connected: call connect() first"
         error: str | None = None
         inflight: Future | None = None
@@ -158,7 +168,7 @@ class DistributedWeightSync(WeightSync):
                     inflight = None
                     if error is not None:
                         continue
-                inflight = self._pool.submit(self._send_bucket, flat, version)
+                inflight = self._sender.submit(self._send_bucket, flat, version)
                 stats.bucket_bytes.append(bucket_nbytes(bucket))
                 stats.bytes += stats.bucket_bytes[-1]
                 stats.num_tensors += len(bucket)
@@ -169,16 +179,27 @@ class DistributedWeightSync(WeightSync):
         return error
 
     def _send_bucket(self, flat, version: int) -> None:
-        group = self._group
-        self.engine.update_weights_from_distributed(
-            flat, self.group_name, version, send=lambda: dist.broadcast(flat.flat, src=0, group=group))
+        """The bucket to every engine over its own group, the engines in parallel; one error naming them all."""
+        def one(i: int) -> None:
+            group = self._groups[i]
+            self.engine.update_weights_from_distributed(
+                flat, self.group_name(i), version, servers=[i],
+                send=lambda: dist.broadcast(flat.flat, src=0, group=group))
+
+        futures = [self._pool.submit(one, i) for i in sorted(self._groups)]
+        errors = [e for e in map(_result, futures) if e is not None]
+        if errors:
+            raise WeightSyncError("; ".join(errors))
 
     def disconnect(self) -> None:
-        if self._group is not None:
-            self.engine.destroy_weights_update_group(self.group_name)
-            destroy_weight_update_group(self._group)
-            self._group = None
-        self._pool.shutdown(wait=False)
+        for i, group in sorted(self._groups.items()):
+            self.engine.destroy_weights_update_group(self.group_name(i), servers=[i])
+            destroy_weight_update_group(group)
+        self._groups = {}
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+        self._sender.shutdown(wait=False)
 
 
 def _result(future: Future) -> str | None:
