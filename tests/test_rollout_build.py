@@ -47,14 +47,3 @@ def test_connected_server_without_deterministic_inference_is_refused(tmp_path):
     finally:
         launched.shutdown()
 
-
-def test_colocated_sglang_with_pipeline_parallelism_is_refused():
-    from tapo_megatron.config import TrainConfig
-
-    cfg = load_recipe("qwen3_8b_tapo", "h100_1x8")
-    cfg.rollout.engine, cfg.rollout.engine_model_path, cfg.rollout.engine_urls = "sglang", "/m", []
-    cfg.rollout.weight_sync_mode, cfg.launch.engine_placement = "colocated", "colocated"
-    cfg.parallel.pipeline_model_parallel_size = 2
-    assert isinstance(cfg, TrainConfig)
-    with pytest.raises(ConfigError, match="pipeline_model_parallel_size=1"):
-        cfg.validate()

@@ -254,11 +254,6 @@ class TrainConfig:
                               "rollout.engine_model_path (servers to launch)")
         if self.rollout.max_weight_staleness < 0 or self.rollout.max_resample_rounds < 0:
             raise ConfigError("rollout.max_weight_staleness and rollout.max_resample_rounds must be >= 0")
-        colocated_sglang = (self.rollout.engine == "sglang" and self.rollout.weight_sync_mode == "colocated"
-                            and self.launch.engine_placement == "colocated" and not self.rollout.engine_urls)
-        if colocated_sglang and self.parallel.pipeline_model_parallel_size != 1:
-            raise ConfigError("colocated SGLang engines read each GPU's weights from the trainer rank on that GPU, "
-                              "which holds the whole model only with parallel.pipeline_model_parallel_size=1")
         if self.algorithm.tis_cap < 0:
             raise ConfigError(f"algorithm.tis_cap={self.algorithm.tis_cap} must be >= 0 (0 = off)")
         if self.model.params_dtype not in ("float32", "bfloat16"):

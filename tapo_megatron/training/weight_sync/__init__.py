@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from tapo_megatron.config import RolloutConfig
+from tapo_megatron.config import ConfigError, RolloutConfig
 from tapo_megatron.parallel import broadcast_object
 from tapo_megatron.rollout.base import RolloutEngine
 from tapo_megatron.training.weight_sync.check import check_logprobs, engine_prompt_logprobs, probe_tokens
@@ -94,6 +94,9 @@ def connect_weight_sync(rollout: RolloutConfig, actor, engine: RolloutEngine | N
     # Colocated SGLang on several GPUs: each engine rank reads the copy of the trainer rank on its own GPU.
     per_rank_ipc = (rollout.weight_sync_mode == "colocated" and rollout.engine == "sglang"
                     and torch.cuda.is_available() and actor.ctx.world_size > 1)
+    if per_rank_ipc and actor.ctx.pp_size != 1:
+        raise ConfigError("colocated SGLang engines read each GPU's weights from the trainer rank on that GPU, which "
+                          "holds the whole model only with parallel.pipeline_model_parallel_size=1")
     sync = make_weight_sync(rollout.weight_sync_mode, actor, engine, int(rollout.weight_sync_bucket_mb * 2**20),
                             disk_root=rollout.weight_sync_dir, master_address=rollout.weight_sync_master_address,
                             per_rank_ipc=per_rank_ipc, engine_tp=engine_tp)
