@@ -14,13 +14,20 @@ process exited) marks its server dead; a launched server is restarted (same argv
 shard is retried under fresh request ids. A shard's results are accepted only from one complete response, and each
 prompt slot is filled exactly once, so no prompt is lost or returned twice (``EngineStats`` counts restarts and
 retried prompts). A restarted server comes back with its launch weights: when the engine knows a checkpoint of the
-current version (``reload_path``, set by the disk transport) it reloads it; otherwise its generations are tagged with
-the version it reports, and the next weight sync brings it up to date.
+current version (``reload_path``, set by the disk transport) it reloads it; otherwise it is stale
+(``stale_servers``): it gets no prompts while another server is current, and the loop re-syncs it before the next
+rollout (its update group is rebuilt: ``lost_groups``).
+
+Receiving weights (the SGLang 0.5.23 protocol, docs/rollout.md): each sync is one session per server -
+``/pause_generation`` -> ``/begin_weight_update`` -> buckets (``update_weights_from_tensor`` /
+``update_weights_from_distributed``) -> ``/end_weight_update`` -> ``/update_weight_version`` -> ``/flush_cache`` ->
+``/continue_generation``; a failed session leaves the engine paused and refusing ``generate`` (SGLang loads buckets
+into the live model). Responses are parsed as SGLang writes them (``parse_response``: JSON, text or empty).
 
 The request payloads are built by the ``*_payload`` functions below, which ``tests/test_sglang_contract.py`` checks
-against SGLang's own request dataclasses (``sglang.srt.managers.io_struct``) and server-argument parser; nothing here
-imports sglang (the trainer environment need not have it), except the colocated CUDA-IPC path, which runs where
-SGLang does.
+against SGLang's own request dataclasses (``sglang.srt.managers.io_struct``), server-argument parser, HTTP handlers
+and weight-update managers; nothing here imports sglang (the trainer environment need not have it), except the
+colocated CUDA-IPC serializer, which runs where SGLang does.
 
 ``tapo_megatron.rollout.remote`` serves a native engine with the same protocol; the CPU tests drive it with this class.
 """
