@@ -46,7 +46,7 @@ def main() -> None:
     engine = None
     if ctx.rank == 0:
         argv = sglang_server_argv(args.model, mem_fraction_static=args.engine_mem,
-                                  enable_memory_saver=args.mode == "colocated",
+                                  enable_memory_saver=args.mode == "colocated", deterministic=True,
                                   extra={"dtype": "bfloat16", "disable_radix_cache": True})
         engine = SGLangEngine.launch([ServerLaunch(argv=argv)], startup_timeout_s=900)
     actor = MegatronActor(shape, ctx, OptimizerConfig(), ParallelConfig(micro_batch_size=1))
@@ -54,8 +54,7 @@ def main() -> None:
     with torch.no_grad():  # a visible change: the engine must take the synced weights to match
         for p in actor.module.parameters():
             p.mul_(1.01)
-    sync = make_weight_sync(args.mode, actor, engine, int(args.bucket_mb * 2**20),
-                            servers=engine.servers if engine else None, disk_root=args.disk_dir)
+    sync = make_weight_sync(args.mode, actor, engine, int(args.bucket_mb * 2**20), disk_root=args.disk_dir)
     sync.connect()
     stats = sync.sync(1)
     probes = probe_tokens(shape.vocab_size, num=4, length=64)

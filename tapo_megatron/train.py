@@ -43,14 +43,21 @@ from tapo_megatron.parallel import ParallelContext, broadcast_object, setup_para
 from tapo_megatron.rewards import score_rollouts
 from tapo_megatron.rollout.build import build_engine
 from tapo_megatron.runguard import RunGuard
-from tapo_megatron.rollout.sampling import rollout_metrics, rollout_sampling, sample_groups
+from tapo_megatron.rollout.sampling import rollout_metrics, rollout_sampling, sample_fresh_groups
 from tapo_megatron.tasks import Task, build_task, fit_prompts
 from tapo_megatron.training.actor import MegatronActor
 from tapo_megatron.training.batch import collate
 from tapo_megatron.training.distill import attach_teacher_prompts
 from tapo_megatron.training.reference import ReferencePolicy
 from tapo_megatron.training.step import policy_step
-from tapo_megatron.training.weight_sync import connect_weight_sync, probe_tokens, push_weights
+from tapo_megatron.training.weight_sync import (
+    connect_weight_sync,
+    probe_tokens,
+    push_weights,
+    refresh_engines,
+    release_engine_memory,
+    resume_engine_memory,
+)
 from tapo_megatron.trajectory.builder import TrajectoryBuilder
 from tapo_megatron.trajectory.constructors import build_constructor
 
@@ -100,8 +107,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     actor, reference, resumed = start_actor(cfg, shape, ctx)
     if resumed is not None:
         stream.load_state(resumed["stream"])
-    engine = build_engine(cfg.rollout, shape, cfg.seed) if ctx.is_main else None
-    weight_sync = connect_weight_sync(cfg.rollout, actor, engine)
+    engine = build_engine(cfg.rollout, shape, cfg.seed, launch=cfg.launch, num_gpus=ctx.world_size,
+                          train_cfg=cfg) if ctx.is_main else None
+    weight_sync = connect_weight_sync(cfg.rollout, actor, engine, engine_tp=cfg.launch.engine_tp)
     probes = probe_tokens(shape.vocab_size) if cfg.rollout.weight_sync_check == "logprobs" else None
     push_weights(weight_sync, cfg.rollout, actor, engine, probes)
     builder = None  # rollouts, construction and trajectory building happen on rank 0, next to the engine
@@ -119,19 +127,23 @@ def train(cfg: TrainConfig) -> TrainResult:
     for step in bar:
         watch = Stopwatch()  # time/generate, reward, build, logprobs, train, sync (time/rollout: the first three)
         queries = stream.next_batch(cfg.rollout.rollout_batch_size)
-        built = None
+        built, fresh = None, refresh_engines(weight_sync, actor, engine)  # a restarted engine gets the weights
         if ctx.is_main:
             params = rollout_sampling(cfg.rollout, task.tokenizer.eos_id, seed=cfg.seed * 100_003 + step)
-            rollouts = sample_groups(engine, queries, cfg.rollout.n_samples_per_prompt, params, task.tokenizer)  # (1)
+            rollouts, fresh_metrics = sample_fresh_groups(engine, queries, cfg.rollout.n_samples_per_prompt, params,
+                                                          task.tokenizer, actor.iteration,
+                                                          cfg.rollout.max_weight_staleness,
+                                                          cfg.rollout.max_resample_rounds)                   # (1)
             watch.lap("generate")
             score_rollouts(rollouts, queries, task.reward)                                                     # (2)
             watch.lap("reward")
             built = builder.build(queries, rollouts, step)                                                     # (3)
-            built.metrics.update(rollout_metrics(rollouts))
+            built.metrics.update({**rollout_metrics(rollouts), **fresh_metrics, **fresh})
             watch.lap("build")
         t_rollout = watch.total()
         built = broadcast_object(built, ctx)
         metrics = dict(built.metrics)
+        metrics.update(release_engine_memory(cfg.rollout, cfg.launch, engine))  # colocated: the GPUs to training
         if built.trajectories:
             batch = collate(built.trajectories, task.tokenizer.pad_id, cfg.tapo.train_constructed_prefix,    # (4)
                             cfg.parallel.max_tokens_per_micro_batch)
@@ -142,6 +154,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         else:
             actor.skip_step()  # nothing carried signal this step: no update, but the step is consumed
         watch.lap()
+        metrics.update(resume_engine_memory(cfg.rollout, cfg.launch, engine))
         metrics.update(push_weights(weight_sync, cfg.rollout, actor, engine, probes))                         # (6)
         watch.lap("sync")
         metrics.update({**watch.times, "time/rollout": t_rollout, "time/step": watch.total()})

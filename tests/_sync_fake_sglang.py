@@ -1,4 +1,5 @@
-"""A stand-in SGLang server for the engine-restart test: the SGLang HTTP protocol, no model, no torch.
+"""A FAKE SGLang server (ours, tests only) for the engine-restart test: SGLang's generate/health protocol, no model,
+no torch. Its bodies follow sglang 0.5.23's ``http_server``: ``/health`` an empty 200, ``/flush_cache`` plain text.
 
     python tests/_sync_fake_sglang.py --port P [--host H] [--generate-delay-s S] [--vocab-size V]
 
@@ -37,16 +38,19 @@ def make_handler(args):
         protocol_version = "HTTP/1.1"
 
         def reply(self, payload, status=200):
-            data = json.dumps(payload).encode()
+            text = isinstance(payload, str)
+            data = payload.encode() if text else (b"" if payload is None else json.dumps(payload).encode())
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/plain" if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
         def do_GET(self):  # noqa: N802
-            if self.path in ("/health", "/health_generate", "/flush_cache"):
-                self.reply({})
+            if self.path in ("/health", "/health_generate"):
+                self.reply(None)
+            elif self.path == "/flush_cache":
+                self.reply("Cache flushed.\n")
             elif self.path in ("/model_info", "/server_info"):
                 self.reply({"weight_version": "0", "tp_size": 1})
             else:
@@ -63,8 +67,10 @@ def make_handler(args):
                 for r in rids:
                     log.info("served rid=%s", r)
                 self.reply(outs)
-            elif self.path in ("/abort_request", "/flush_cache"):
-                self.reply({"success": True})
+            elif self.path == "/abort_request":
+                self.reply(None)
+            elif self.path == "/flush_cache":
+                self.reply("Cache flushed.\n")
             else:
                 self.reply({"message": "no route"}, 404)
 

@@ -32,7 +32,7 @@ def main(url: str, bucket_bytes: int, out: str, disk_dir: str) -> None:
     actor.load_hf_state(hf_weights(SHAPE))
     servers = [EngineServer(url=url, startup_timeout_s=60)]
     engine = SGLangEngine.connect([url], startup_timeout_s=60) if ctx.rank == 0 else None
-    sync = DistributedWeightSync(actor.module, ctx, servers, bucket_bytes, engine=engine, group_timeout_s=120)
+    sync = DistributedWeightSync(actor.module, ctx, engine, bucket_bytes, group_timeout_s=120)
     sync.connect()
     probes = torch.randint(0, SHAPE.vocab_size, (3, 12), generator=torch.Generator().manual_seed(11))
     result = {}

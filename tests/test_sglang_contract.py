@@ -1,4 +1,5 @@
-"""The adapter's HTTP payloads and launch argv against SGLang's own request classes and argument parser.
+"""The adapter and the weight-sync transports against SGLang's own code: request classes, argument parser, HTTP
+handlers and the scheduler-side weight-update manager (session rules), see tests/_sync_sglang_contract.py.
 
 SGLang cannot share the main CPU environment (its io_struct needs torchvision, which does not import beside the
 torch 2.13 CPU wheel), so the checks live in tests/_sync_sglang_contract.py and run in the separate ``.venv-sglang``

@@ -39,3 +39,21 @@ def test_engine_logprobs_equal_actor_after_sync(tied):
     recomputed, _ = actor.compute_logprobs(seqs)
     torch.testing.assert_close(recomputed[:, 5:], torch.tensor([g.logprobs for g in gens]), atol=1e-4, rtol=0)
     assert all(g.weight_version == 1 for g in gens)
+
+
+def test_disk_transport_into_an_in_process_engine(tmp_path):
+    """The disk transport calls the engine's ``update_weights_from_disk`` (the interface default for in-process
+    engines: stream the written HF folder into the atomic update)."""
+    from tapo_megatron.training.weight_sync import DiskWeightSync
+
+    shape = Qwen3Shape(vocab_size=24, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, rope_theta=10000.0,
+                       tie_word_embeddings=False, max_position_embeddings=32)
+    ctx = init_parallel(1, 1, seed=3)
+    actor = MegatronActor(shape, ctx, OptimizerConfig(lr=1e-2), ParallelConfig(micro_batch_size=2))
+    engine = NativeEngine(shape.to_hf(), seed=7)
+    stats = DiskWeightSync(actor.module, ctx, engine, tmp_path, 1 << 14, keep=1).sync(2)
+    tokens = torch.randint(0, shape.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    actor_lp, _ = actor.compute_logprobs(tokens)
+    torch.testing.assert_close(engine.prompt_logprobs(tokens)[0], actor_lp[:, 1:].float(), atol=1e-4, rtol=0)
+    assert engine.weight_version == 2 and stats.bytes > 0 and [p.name for p in tmp_path.iterdir()] == ["v2"]

@@ -24,6 +24,7 @@ DDP's default), multiply the loss by the data-parallel world size (or configure 
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -100,6 +101,8 @@ def policy_loss(
     kl_estimator: str = "k3",
     num_original_tokens: int | float | torch.Tensor | None = None,
     num_constructed_tokens: int | float | torch.Tensor | None = None,
+    engine_logprobs: torch.Tensor | None = None,
+    tis_cap: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """TAPO's decoupled PPO-clip loss (see the module docstring for the formula and aggregation).
 
@@ -117,6 +120,10 @@ def policy_loss(
         kl_estimator: "k1" | "k2" | "k3" (see :func:`kl_penalty`).
         num_original_tokens, num_constructed_tokens: global token counts of each branch over the whole optimizer
             step; None uses this call's masked counts.
+        engine_logprobs, tis_cap: truncated importance sampling for the engine/trainer mismatch (off when
+            ``tis_cap`` is 0): the policy-gradient term of each ORIGINAL token (sampled by the engine) is scaled by
+            ``min(exp(old - engine), tis_cap)``, detached (slime's ``--use-tis``: the rollouts came from the engine's
+            distribution, the ratio's denominator is the trainer's). Constructed rows are not engine samples.
 
     Returns:
         (loss, metrics). loss is a 0-dim fp32 tensor. metrics are detached 0-dim tensors:
@@ -173,6 +180,14 @@ def policy_loss(
     pg_clipped = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     pg = torch.maximum(pg_unclipped, pg_clipped)  # [B, T] pessimistic bound
 
+    tis = None
+    if tis_cap > 0:
+        if engine_logprobs is None:
+            raise ValueError("policy_loss: tis_cap > 0 needs engine_logprobs")
+        _check_token_tensor("engine_logprobs", engine_logprobs, shape)
+        tis = (old - engine_logprobs.detach().float()).clamp(max=math.log(tis_cap)).exp()
+        pg = torch.where(cons_rows, pg, tis * pg)
+
     kl = kl_penalty(lp, ref_logprobs.detach().float(), kl_estimator) if ref_logprobs is not None else None
     per_token = pg + kl_coef * kl if (kl is not None and kl_coef > 0) else pg
 
@@ -209,6 +224,9 @@ def policy_loss(
             "num_tokens/original": orig_mask.sum().float(),
             "num_tokens/constructed": cons_mask.sum().float(),
         }
+        if tis is not None:
+            metrics["tis/weight_mean"] = _masked_mean(tis, orig_mask)
+            metrics["tis/truncated_frac"] = _masked_mean((tis >= tis_cap).float(), orig_mask)
     return loss, metrics
 
 

@@ -98,6 +98,14 @@ class RolloutConfig:
     engine_request_timeout_s: float = 600.0
     engine_max_retries: int = 3  # retries of one generation shard after engine failures (each may restart it)
     weight_sync_master_address: str = "127.0.0.1"  # distributed: trainer source address reachable from engines
+    # Train only on rollouts sampled with weights at most this many versions behind the trainer; older groups are
+    # resampled (rollout/resampled_stale), and dropped after max_resample_rounds (rollout/dropped_stale).
+    max_weight_staleness: int = 0
+    max_resample_rounds: int = 2
+    # SGLang honours per-prompt sampling seeds only with --enable-deterministic-inference (slower: batch-invariant
+    # kernels). true: launched servers get the flag, connected servers without it are refused; false: SGLang
+    # rollouts are sampled unseeded (not reproducible) and no seed is sent.
+    deterministic_inference: bool = True
 
 
 @dataclass
@@ -123,6 +131,9 @@ class AlgorithmConfig:
     # inputs come detached from the training forward, and no separate old-log-prob pass runs.
     ppo_epochs: int = 1
     mini_batch_size: int = 0
+    # Truncated importance sampling for the engine/trainer log-prob mismatch (slime --use-tis): scale each sampled
+    # token's policy-gradient term by min(exp(old - engine logprob), tis_cap); 0 = off.
+    tis_cap: float = 0.0
 
 
 @dataclass
@@ -274,6 +285,10 @@ class TrainConfig:
         if self.rollout.engine == "sglang" and not self.rollout.engine_urls and not self.rollout.engine_model_path:
             raise ConfigError("rollout.engine='sglang' needs rollout.engine_urls (running servers) or "
                               "rollout.engine_model_path (servers to launch)")
+        if self.rollout.max_weight_staleness < 0 or self.rollout.max_resample_rounds < 0:
+            raise ConfigError("rollout.max_weight_staleness and rollout.max_resample_rounds must be >= 0")
+        if self.algorithm.tis_cap < 0:
+            raise ConfigError(f"algorithm.tis_cap={self.algorithm.tis_cap} must be >= 0 (0 = off)")
         if self.model.params_dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"model.params_dtype={self.model.params_dtype!r}: expected 'float32' or 'bfloat16'")
         if self.model.kernel_backend not in ("auto", "triton", "torch"):

@@ -5,6 +5,16 @@ An engine turns token prompts into sampled responses with per-token log-probs, a
     engine.generate(prompts: list[list[int]], params: SamplingParams) -> list[Generation]   # one per prompt, in order
     engine.update_weights(buckets, version)   # atomic: all tensors or none, then weight_version == version
 
+Receiving ends, one per weight-sync transport, named as SGLang's endpoints and slime's engine methods are (the
+transports in ``training/weight_sync`` call these and never look at the engine's type):
+
+    engine.update_weights_from_tensor(buckets, version)          # colocated (in-process: ``update_weights``)
+    engine.update_weights_from_disk(hf_dir, version)             # disk
+    engine.init_weights_update_group(addr, port, name, backend, join)   # distributed: a group per server ...
+    engine.begin_weight_update(version)                          # ... a session per sync ...
+    engine.update_weights_from_distributed(flat, name, version, send)   # ... one broadcast per bucket ...
+    engine.end_weight_update(version, ok)                        # ... closed, versioned, cache flushed
+
 Weights travel with HF names (``model.layers.0.self_attn.q_proj.weight`` for Qwen3), in size-bounded buckets
 (``list[(name, tensor)]``) so that the sender never holds a second full copy. :func:`stage_weight_buckets` is the
 shared validation step: it drains the whole stream into staging copies and checks every name, shape and dtype
@@ -13,7 +23,7 @@ against the engine's expected weights before anything touches the model.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +73,61 @@ class RolloutEngine(abc.ABC):
         """Replace all model weights from a stream of HF-named tensor buckets, atomically, then set
         ``weight_version = version``. Raises ``WeightUpdateError`` naming the offending tensor."""
 
+    # ---- receiving ends (defaults: an in-process engine that applies a whole stream atomically)
+
+    def update_weights_from_tensor(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+        """Colocated transport: the bucket stream in this process (or, for SGLang, CUDA-IPC payloads)."""
+        self.update_weights(buckets, version)
+
+    def update_weights_from_disk(self, path: str, version: int) -> None:
+        """Disk transport: load the HF checkpoint folder ``path`` as ``version`` (atomically)."""
+        from tapo_megatron.convert.hf_io import HFCheckpointReader
+
+        reader = HFCheckpointReader(path)
+        try:
+            self.update_weights(([(name, reader[name])] for name in reader), version)
+        finally:
+            reader.close()
+
+    def init_weights_update_group(self, master_address: str, master_port: int, group_name: str, backend: str,
+                                  join: Callable[[int], None], servers: Sequence[int] | None = None) -> None:
+        """Distributed transport: make a weight-update group with the GPUs of ``servers`` (default: all);
+        ``join(world_size)`` joins the trainer side as group rank 0."""
+        raise WeightUpdateError(f"{type(self).__name__} runs in the trainer's process and has no weight-update "
+                                f"group; use rollout.weight_sync_mode=colocated or disk")
+
+    def destroy_weights_update_group(self, group_name: str, servers: Sequence[int] | None = None) -> None:
+        """Tear the group down (best effort)."""
+
+    def lost_groups(self) -> list[int]:
+        """Servers whose side of their update group a restart destroyed (rebuild those before the next sync)."""
+        return []
+
+    def begin_weight_update(self, version: int) -> None:
+        """Open a weight-update session (pause generation first)."""
+        self.init_weights_update_group("", 0, "", "", lambda world: None)  # refuses: no group, no session
+
+    def update_weights_from_distributed(self, flat, group_name: str, version: int, send: Callable[[], None],
+                                        servers: Sequence[int] | None = None) -> None:
+        """Announce one flattened bucket (``rollout.buckets.FlatBucket``) to ``servers``, then ``send()``
+        broadcasts it."""
+        self.init_weights_update_group("", 0, group_name, "", lambda world: None)
+
+    def end_weight_update(self, version: int, ok: bool = True, reason: str = "") -> None:
+        """Close the session: on success the engine serves ``version`` with a fresh cache and resumes."""
+
+    def stale_servers(self) -> list[int]:
+        """Servers (indices) that do not serve ``weight_version`` (e.g. restarted); an in-process engine: none."""
+        return []
+
+    def expected_weight_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """HF name -> shape of every weight the engine's model holds (None: unknown, the check is skipped)."""
+        return None
+
+    def prompt_logprobs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Per server (one for an in-process engine): log p(tokens[:, t] | tokens[:, :t]) for t >= 1, fp32."""
+        raise NotImplementedError(f"{type(self).__name__} does not score prompts")
+
     @property
     @abc.abstractmethod
     def weight_version(self) -> int:
@@ -73,12 +138,13 @@ class RolloutEngine(abc.ABC):
         """Drop any cached prefixes/KV computed with earlier weights."""
 
     @abc.abstractmethod
-    def release_memory(self) -> None:
-        """Free accelerator memory held for generation so training can use it (colocated mode)."""
+    def release_memory(self) -> dict[str, float] | None:
+        """Free accelerator memory held for generation so training can use it (colocated mode); only while idle.
+        May return metrics (seconds, freed bytes)."""
 
     @abc.abstractmethod
-    def resume_memory(self) -> None:
-        """Undo ``release_memory`` before the next ``generate``."""
+    def resume_memory(self) -> dict[str, float] | None:
+        """Undo ``release_memory`` before the next ``generate``; may return metrics."""
 
     @abc.abstractmethod
     def shutdown(self) -> None:
@@ -119,6 +185,7 @@ def stage_weight_buckets(
     *,
     device: torch.device | str,
     optional: Iterable[str] = (),
+    owned: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Drain a weight stream into staging copies, validating every tensor; touch no model.
 
@@ -129,6 +196,8 @@ def stage_weight_buckets(
         device: where the staging copies live (the engine's device).
         optional: names that may arrive but need not (e.g. a tied ``lm_head.weight``); they must still match
             ``expected`` when they do.
+        owned: the caller hands over tensors nobody else holds (e.g. received by broadcast): stage them without a
+            copy when they are already on ``device``.
 
     Returns:
         name -> staged tensor (detached copy on ``device``), containing every required name.
@@ -150,7 +219,7 @@ def stage_weight_buckets(
             if error is not None:
                 staged.clear()  # free the staging copies now; nothing will be applied
                 break
-            staged[name] = tensor.detach().to(device=device, copy=True)
+            staged[name] = tensor.detach().to(device=device, copy=not owned)
     if error is not None:
         raise error
     missing = [name for name in expected if name not in staged and name not in optional]

@@ -240,7 +240,8 @@ class NativeEngine(RolloutEngine):
 
     # ------------------------------------------------------------------ weights
 
-    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int) -> None:
+    def update_weights(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], version: int, *,
+                       owned: bool = False) -> None:
         """Atomically replace every weight from HF-named buckets, then set ``weight_version = version``.
 
         The whole stream is staged (one extra copy of the weights) and validated before any parameter changes, so
@@ -251,7 +252,8 @@ class NativeEngine(RolloutEngine):
         self._live_model()
         if not isinstance(version, int) or isinstance(version, bool):
             raise TypeError(f"version must be an int, got {type(version).__name__}")
-        staged = stage_weight_buckets(buckets, self.weight_specs, device=self.device, optional=self._aliases)
+        staged = stage_weight_buckets(buckets, self.weight_specs, device=self.device, optional=self._aliases,
+                                      owned=owned)  # owned: tensors only this call holds (no staging copy)
         for alias, canonical in self._aliases.items():
             if alias in staged and not torch.equal(staged[alias], staged[canonical]):
                 raise WeightUpdateError(
@@ -261,6 +263,15 @@ class NativeEngine(RolloutEngine):
                 param.copy_(staged[name])
         self._version = version
         self.flush_cache()
+
+    def expected_weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: spec.shape for name, spec in self.weight_specs.items()}
+
+    def prompt_logprobs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """log p(tokens[:, t] | tokens[:, :t]) for t >= 1 from one forward pass, [num, length - 1] fp32."""
+        with torch.inference_mode():
+            logits = self._live_model()(input_ids=tokens.to(self.device)).logits.float().cpu()
+        return [torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)]
 
     def flush_cache(self) -> None:
         """No-op: the native engine keeps no KV/prefix cache between ``generate`` calls (each call builds its own)."""

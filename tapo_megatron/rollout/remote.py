@@ -17,21 +17,24 @@ Endpoints (request body -> response), as in SGLang:
                        "output_token_logprobs": [[logprob, token_id, null], ...], "input_token_logprobs"?,
                        "weight_version", "prompt_tokens", "completion_tokens"}}
     POST /init_weights_update_group      {master_address, master_port, rank_offset, world_size, group_name, backend}
-    POST /update_weights_from_distributed {names, dtypes, shapes, group_name, flush_cache, weight_version, ...}
+    POST /begin_weight_update, /end_weight_update   a weight-update session, with SGLang 0.5.23's rules and messages
+    POST /update_weights_from_distributed {names, dtypes, shapes, group_name, load_format, ...}: refused outside a
+                                         session; load_format "flattened_bucket": one buffer, one broadcast
     POST /update_weight_version          {new_version, abort_all_requests}
     POST /destroy_weights_update_group   {group_name}
     POST /update_weights_from_disk       {model_path, load_format, weight_version, flush_cache, ...}
     POST /get_weights_by_name            {name, truncate_size} -> first ``truncate_size`` values, flattened
     GET|POST /flush_cache, POST /release_memory_occupation, /resume_memory_occupation, /pause_generation,
     /continue_generation, /abort_request
-All POSTs answer {"success": bool, "message": str} unless stated.
+Weight-update POSTs answer {"success": bool, "message": str} (HTTP 400 when false); /flush_cache answers plain text,
+/health an empty 200, the memory endpoints null, as SGLang's http_server does.
 
 Atomic weight updates (stronger than SGLang, which writes each bucket into the live model): broadcast buckets are
 staged, not applied. The staged set is committed - validated in full and copied into the model in one step by
 ``NativeEngine.update_weights`` - when a request carries a weight version (``/update_weight_version``, or an
 ``update_weights_from_distributed`` bucket with ``weight_version``). A sync that stops half-way therefore leaves the
-previous weights and version serving; its partial stage is dropped when the next sync starts (``/pause_generation``,
-a group (re)initialisation, or a tensor name arriving twice).
+previous weights and version serving; its partial stage is dropped when the next session opens
+(``/begin_weight_update``), at a group (re)initialisation, or when a tensor name arrives twice.
 
 ``--generate-delay-s`` sleeps before each generation: fault-injection tests use it to kill the server while a
 request is in flight. Each served request is logged as ``served rid=<rid>`` (tests count these lines).
@@ -55,12 +58,14 @@ import torch
 
 from tapo_megatron.records import FinishReason, SamplingParams
 from tapo_megatron.rollout.base import WeightUpdateError
+from tapo_megatron.rollout.buckets import empty_flat_bucket, unflatten
 from tapo_megatron.rollout.native import NativeEngine
 
 logger = logging.getLogger("tapo.remote_engine")
 
 # SGLang sends dtypes as strings such as "torch.bfloat16" (str(torch.dtype)) or "bfloat16".
-_DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32")}
+_DTYPES = {name: getattr(torch, name) for name in ("float32", "float16", "bfloat16", "float64", "int64", "int32",
+                                                   "uint8")}
 
 
 def parse_dtype(text: str) -> torch.dtype:
@@ -69,6 +74,13 @@ def parse_dtype(text: str) -> torch.dtype:
     if key not in _DTYPES:
         raise ValueError(f"unsupported dtype {text!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[key]
+
+
+@dataclass
+class TextReply:
+    """A plain-text answer (SGLang's ``/flush_cache`` writes ``Response(content=...)``, not JSON)."""
+
+    text: str
 
 
 class RequestError(ValueError):
@@ -99,8 +111,9 @@ class NativeEngineServer:
         self._stage_lock = threading.Lock()
         self._transaction = _Transaction()
         self._groups: dict[str, torch.distributed.ProcessGroup] = {}
+        self._session_open = False
         self.routes: dict[tuple[str, str], Callable[[dict], Any]] = {
-            ("GET", "/health"): lambda body: {"success": True},
+            ("GET", "/health"): lambda body: None,  # SGLang: an empty 200
             ("GET", "/health_generate"): self.health_generate,
             ("GET", "/model_info"): self.model_info,
             ("GET", "/server_info"): self.server_info,
@@ -108,23 +121,26 @@ class NativeEngineServer:
             ("POST", "/flush_cache"): self.flush_cache,
             ("POST", "/generate"): self.generate,
             ("POST", "/init_weights_update_group"): self.init_weights_update_group,
+            ("POST", "/begin_weight_update"): self.begin_weight_update,
+            ("POST", "/end_weight_update"): self.end_weight_update,
             ("POST", "/destroy_weights_update_group"): self.destroy_weights_update_group,
             ("POST", "/update_weights_from_distributed"): self.update_weights_from_distributed,
             ("POST", "/update_weight_version"): self.update_weight_version,
             ("POST", "/update_weights_from_disk"): self.update_weights_from_disk,
             ("POST", "/get_weights_by_name"): self.get_weights_by_name,
-            ("POST", "/release_memory_occupation"): self._ok(self.engine.release_memory),
-            ("POST", "/resume_memory_occupation"): self._ok(self.engine.resume_memory),
+            ("POST", "/release_memory_occupation"): self._null(self.engine.release_memory),
+            ("POST", "/resume_memory_occupation"): self._null(self.engine.resume_memory),
             ("POST", "/pause_generation"): self.pause_generation,
-            ("POST", "/continue_generation"): lambda body: {"success": True, "message": ""},
+            ("POST", "/continue_generation"): lambda body: {"message": "Generation continued successfully.",
+                                                            "status": "ok"},
             ("POST", "/abort_request"): self.abort_request,
         }
 
     @staticmethod
-    def _ok(action: Callable[[], None]) -> Callable[[dict], dict]:
-        def handler(body: dict) -> dict:
+    def _null(action: Callable[[], None]) -> Callable[[dict], None]:
+        """SGLang's memory endpoints return nothing on success (FastAPI sends ``null``)."""
+        def handler(body: dict) -> None:
             action()
-            return {"success": True, "message": ""}
         return handler
 
     # ------------------------------------------------------------------ info
@@ -142,9 +158,10 @@ class NativeEngineServer:
             self.engine.generate([[0]], SamplingParams(temperature=0.0, max_new_tokens=1))
         return {"success": True}
 
-    def flush_cache(self, body: dict) -> dict:
+    def flush_cache(self, body: dict) -> "TextReply":
         self.engine.flush_cache()
-        return {"success": True, "message": "Cache flushed."}
+        return TextReply("Cache flushed.\nPlease check backend logs for more details. (When there are running or "
+                         "waiting requests, the operation will not be performed.)\n")
 
     def abort_request(self, body: dict) -> dict:
         # Generation here is one synchronous call per request; nothing queued can be dropped. Logged so retries
@@ -212,13 +229,34 @@ class NativeEngineServer:
     # ------------------------------------------------------------------ weights
 
     def pause_generation(self, body: dict) -> dict:
-        """Start of a weight sync: drop any partial stage a failed earlier sync left behind."""
+        """Start of a weight sync. Generation is not held (updates are atomic here, so requests keep seeing the
+        previous weights); the answer is SGLang's."""
+        return {"message": "Generation paused successfully.", "status": "ok"}
+
+    def _drop_stage(self) -> None:
         with self._stage_lock:
             dropped = len(self._transaction.staged)
             self._transaction = _Transaction()
         if dropped:
             logger.warning("dropped %d staged tensor(s) of an unfinished weight sync", dropped)
-        return {"success": True, "message": ""}
+
+    def begin_weight_update(self, body: dict) -> dict:
+        """Open the session (SGLang ``SchedulerWeightUpdaterManager.begin_weight_update``: refused while one is
+        open); drops any partial stage a failed earlier sync left behind."""
+        if self._session_open:
+            return {"success": False,
+                    "message": "a weight-update session is already open; call end_weight_update() first"}
+        self._drop_stage()
+        self._session_open = True
+        return {"success": True, "message": "Success"}
+
+    def end_weight_update(self, body: dict) -> dict:
+        """Close the session (SGLang ``end_weight_update``); the stage waits for ``/update_weight_version``."""
+        if not self._session_open:
+            return {"success": False,
+                    "message": "no weight-update session is open; call begin_weight_update() first"}
+        self._session_open = False
+        return {"success": True, "message": "Success"}
 
     def init_weights_update_group(self, body: dict) -> dict:
         from tapo_megatron.parallel.update_group import init_weight_update_group
@@ -231,7 +269,7 @@ class NativeEngineServer:
             rank=int(_required(body, "rank_offset")), world_size=int(_required(body, "world_size")),
             group_name=name, backend=body.get("backend") or "gloo")
         self._groups[name] = group
-        self.pause_generation({})
+        self._drop_stage()
         return {"success": True, "message": f"joined weight update group {name}"}
 
     def destroy_weights_update_group(self, body: dict) -> dict:
@@ -242,11 +280,16 @@ class NativeEngineServer:
         if group is None:
             return {"success": False, "message": f"no weight update group named {name!r}"}
         destroy_weight_update_group(group)
-        self.pause_generation({})
+        self._drop_stage()
         return {"success": True, "message": ""}
 
     def update_weights_from_distributed(self, body: dict) -> dict:
-        """Receive one announced bucket by broadcast from group rank 0 and stage it (commit if it carries a version)."""
+        """Receive one announced bucket by broadcast from group rank 0 and stage it. As SGLang: refused outside a
+        session (``SchedulerWeightUpdaterManager.update_weights_from_distributed``, same message);
+        ``load_format="flattened_bucket"``: one buffer laid out by ``FlattenedTensorBucket.empty``, one broadcast."""
+        if not self._session_open:
+            return {"success": False, "message": "update_weights_from_distributed must run between "
+                                                 "begin_weight_update() and end_weight_update()"}
         names, dtypes, shapes = (_required(body, k) for k in ("names", "dtypes", "shapes"))
         if not len(names) == len(dtypes) == len(shapes):
             raise RequestError(f"update_weights_from_distributed: names/dtypes/shapes lengths differ "
@@ -256,11 +299,17 @@ class NativeEngineServer:
         if group is None:
             raise RequestError(f"update_weights_from_distributed: unknown group_name {name!r}; "
                                f"call /init_weights_update_group first")
-        received = []
-        for tensor_name, dtype, shape in zip(names, dtypes, shapes):
-            tensor = torch.empty(tuple(shape), dtype=parse_dtype(dtype))
-            torch.distributed.broadcast(tensor, src=0, group=group)  # every announced tensor, even a bad one
-            received.append((tensor_name, tensor))
+        torch_dtypes = [parse_dtype(d) for d in dtypes]
+        if body.get("load_format") == "flattened_bucket":
+            flat = empty_flat_bucket(names, torch_dtypes, shapes)
+            torch.distributed.broadcast(flat.flat, src=0, group=group)
+            received = unflatten(flat)
+        else:
+            received = []
+            for tensor_name, dtype, shape in zip(names, torch_dtypes, shapes):
+                tensor = torch.empty(tuple(shape), dtype=dtype)
+                torch.distributed.broadcast(tensor, src=0, group=group)  # every announced tensor, even a bad one
+                received.append((tensor_name, tensor))
         with self._stage_lock:
             if any(n in self._transaction.staged for n, _ in received):
                 # The same name twice means a new sync restarted after an unfinished one: start a fresh stage.
@@ -269,7 +318,7 @@ class NativeEngineServer:
             self._transaction.staged.update(received)
         if body.get("weight_version") is not None:
             return self.update_weight_version({"new_version": body["weight_version"]})
-        return {"success": True, "message": f"staged {len(received)} tensor(s)"}
+        return {"success": True, "message": "Succeeded to update parameter online."}
 
     def update_weight_version(self, body: dict) -> dict:
         """Commit the staged tensors (if any) atomically and set the served version."""
@@ -279,13 +328,13 @@ class NativeEngineServer:
         with self._weights_lock:
             if staged:
                 try:
-                    self.engine.update_weights([list(staged.items())], version)
+                    self.engine.update_weights([list(staged.items())], version, owned=True)  # received here
                 except WeightUpdateError as err:
                     return {"success": False, "message": f"weight update refused, still serving version "
                                                          f"{self.engine.weight_version}: {err}"}
             else:
                 self.engine._version = version  # a pure relabel, as SGLang's endpoint does
-        return {"success": True, "message": f"serving weight version {version}"}
+        return {"success": True, "message": f"Weight version updated to {version}", "new_version": str(version)}
 
     def update_weights_from_disk(self, body: dict) -> dict:
         """Load an HF checkpoint folder atomically (all tensors validated, then applied)."""
@@ -373,9 +422,13 @@ def _handler_class(server: NativeEngineServer) -> type[BaseHTTPRequestHandler]:
                 self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"success": False, "message": repr(err)})
 
         def _reply(self, status: HTTPStatus, payload: Any) -> None:
-            data = json.dumps(payload).encode()
+            if isinstance(payload, dict) and payload.get("success") is False and status == HTTPStatus.OK:
+                status = HTTPStatus.BAD_REQUEST  # SGLang answers a refused weight update with 400
+            text = isinstance(payload, TextReply)
+            data = payload.text.encode() if text else (b"" if payload is None and self.path.startswith("/health")
+                                                      else json.dumps(payload).encode())
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", "text/plain; charset=utf-8" if text else "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)

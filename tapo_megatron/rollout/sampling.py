@@ -10,6 +10,7 @@ loop, evaluation and the cold-start build all sample through this function, in o
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Sequence
 
@@ -29,6 +30,38 @@ def sample_groups(engine: RolloutEngine, queries: Sequence[Query], k: int, param
                     engine_logprobs=g.logprobs, finish_reason=g.finish_reason, weight_version=g.weight_version,
                     response_text=tokenizer.decode(g.token_ids))
             for i, q in enumerate(queries) for g in gens[i * k:(i + 1) * k]]
+
+
+def sample_fresh_groups(engine: RolloutEngine, queries: Sequence[Query], k: int, params: SamplingParams, tokenizer,
+                        current_version: int, max_staleness: int = 0, max_rounds: int = 2
+                        ) -> tuple[list[Rollout], dict[str, float]]:
+    """``sample_groups``, keeping only groups whose every rollout was sampled with weights at most
+    ``max_staleness`` versions behind ``current_version`` (e.g. from an engine that restarted on its launch
+    weights). A stale group is resampled (with a shifted seed) up to ``max_rounds`` times, then dropped.
+
+    Returns the fresh rollouts (``group_index`` still the query's position) and ``rollout/resampled_stale``,
+    ``rollout/dropped_stale`` (rollouts) and ``rollout/weight_version_min``."""
+    rollouts = sample_groups(engine, queries, k, params, tokenizer)
+    groups = {i: rollouts[i * k:(i + 1) * k] for i in range(len(queries))}
+    resampled = 0
+
+    def stale() -> list[int]:
+        return [i for i, g in groups.items() if any(current_version - r.weight_version > max_staleness for r in g)]
+
+    for attempt in range(1, max_rounds + 1):
+        redo = stale()
+        if not redo:
+            break
+        seed = None if params.seed is None else params.seed + 7919 * attempt
+        fresh = sample_groups(engine, [queries[i] for i in redo], k, dataclasses.replace(params, seed=seed), tokenizer)
+        for j, i in enumerate(redo):
+            groups[i] = [dataclasses.replace(r, group_index=i) for r in fresh[j * k:(j + 1) * k]]
+        resampled += k * len(redo)
+    dropped = stale()
+    kept = [r for i, g in groups.items() if i not in dropped for r in g]
+    metrics = {"rollout/resampled_stale": float(resampled), "rollout/dropped_stale": float(k * len(dropped)),
+               "rollout/weight_version_min": float(min((r.weight_version for r in kept), default=current_version))}
+    return kept, metrics
 
 
 def rollout_sampling(rollout: RolloutConfig, eos_id: int, seed: int | None) -> SamplingParams:

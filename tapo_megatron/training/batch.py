@@ -112,7 +112,8 @@ def batch_tensors(batch: TrainBatch) -> dict[str, torch.Tensor]:
             "old_logprobs": batch.old_logprobs, "token_weights": batch.token_weights,
             "is_constructed": batch.is_constructed.float()[:, None].expand_as(batch.loss_mask).contiguous(),
             **({"ref_logprobs": batch.ref_logprobs} if batch.ref_logprobs is not None else {}),
-            **({"lengths": batch.seq_lengths} if batch.seq_lengths is not None else {})}
+            **({"lengths": batch.seq_lengths} if batch.seq_lengths is not None else {}),
+            **({"engine_logprobs": batch.engine_logprobs} if batch.engine_logprobs is not None else {})}
 
 
 def make_policy_loss_fn(batch: TrainBatch, algo: AlgorithmConfig, tapo: TapoConfig, on_policy: bool = False):
@@ -142,7 +143,8 @@ def make_policy_loss_fn(batch: TrainBatch, algo: AlgorithmConfig, tapo: TapoConf
             constructed_coef=coef,
             clip_eps_low=algo.clip_eps_low, clip_eps_high=algo.clip_eps_high, kl_coef=algo.kl_coef,
             ref_logprobs=mb.get("ref_logprobs"), kl_estimator=algo.kl_estimator,
-            num_original_tokens=d_orig, num_constructed_tokens=d_cons)
+            num_original_tokens=d_orig, num_constructed_tokens=d_cons,
+            **({"engine_logprobs": mb["engine_logprobs"], "tis_cap": algo.tis_cap} if algo.tis_cap > 0 else {}))
         return loss, metrics
 
     return loss_fn

@@ -8,7 +8,10 @@ What runs: a single-rank Megatron actor of the shape (random weights) and an eng
 (NCCL on GPU; the engine is still the native server, so this measures the trainer-side transport and protocol);
 ``colocated``: an in-process native engine fed by ``TensorWeightSync``. Each repeat runs one bucketed sync
 (``--bucket-mb``) and one per-tensor sync (each tensor its own bucket: one announcement + broadcast per tensor),
-alternating, so both see the same machine load. Prints the median seconds, GB/s and the ratio, one JSON line each.
+alternating, so both see the same machine load, and in the same loop the limits of the machine: one copy of the
+same bytes (``copy_gb_per_s``) and, distributed, one single announced broadcast of all the bytes into the engine
+(``single_broadcast_gb_per_s``). Prints the median seconds and GB/s per strategy, the ratios against those limits,
+and the Qwen3-8B (bf16) sync time the bucketed rate implies, one JSON line each.
 """
 from __future__ import annotations
 
@@ -54,20 +57,26 @@ def run(shape_cfg: dict, mode: str, bucket_bytes: int, repeats: int, dtype: str)
                                                                                extra=["--dtype", dtype]),
                                                        env={"OMP_NUM_THREADS": "1"}, log_dir=tmp.name)],
                                          startup_timeout_s=300)
-            syncs = {name: DistributedWeightSync(actor.module, ctx, engine.servers, b, engine=engine)
+            syncs = {name: DistributedWeightSync(actor.module, ctx, engine, b)
                      for name, b in (("bucketed", bucket_bytes), ("per_tensor", 1))}
             syncs["bucketed"].connect()
-            syncs["per_tensor"]._group = syncs["bucketed"]._group  # one group serves both
+            syncs["per_tensor"]._groups = syncs["bucketed"]._groups  # the same groups serve both
+            syncs["per_tensor"]._pool = syncs["bucketed"]._pool
         else:
             engine = NativeEngine(shape.to_hf(), dtype=getattr(torch, dtype))
             syncs = {name: TensorWeightSync(actor.module, ctx, engine, b)
                      for name, b in (("bucketed", bucket_bytes), ("per_tensor", 1))}
         samples: dict[str, list] = {name: [] for name in syncs}
+        limits: dict[str, list] = {"copy": [], "single_broadcast": []}
+        total = sum(p.numel() * p.element_size() for p in actor.module.parameters())
         version = 0
         for _ in range(repeats):
             for name, sync in syncs.items():
                 version += 1
                 samples[name].append(sync.sync(version))
+            limits["copy"].append(_copy_seconds(total))
+            if mode == "distributed":
+                limits["single_broadcast"].append(_single_broadcast_seconds(engine, syncs["bucketed"], total))
         results = []
         for name, stats in samples.items():
             seconds = statistics.median(s.seconds for s in stats)
@@ -75,8 +84,16 @@ def run(shape_cfg: dict, mode: str, bucket_bytes: int, repeats: int, dtype: str)
             results.append({"strategy": name, "mode": mode, "dtype": dtype, "params": shape.num_parameters(),
                             "gb": round(nbytes / 1e9, 4), "buckets": len(stats[0].bucket_bytes),
                             "seconds_per_sync": round(seconds, 4), "gb_per_s": round(nbytes / 1e9 / seconds, 4)})
-        results.append({"speedup_bucketed_vs_per_tensor":
-                        round(results[1]["seconds_per_sync"] / results[0]["seconds_per_sync"], 2)})
+        summary = {"speedup_bucketed_vs_per_tensor":
+                   round(results[1]["seconds_per_sync"] / results[0]["seconds_per_sync"], 2)}
+        for limit, seconds in limits.items():
+            if seconds:
+                gbps = total / 1e9 / statistics.median(seconds)
+                summary[f"{limit}_gb_per_s"] = round(gbps, 4)
+                summary[f"bucketed_vs_{limit}"] = round(results[0]["gb_per_s"] / gbps, 3)
+        # What these rates imply for Qwen3-8B in bf16 (8.19e9 parameters, 16.4 GB) on this machine.
+        summary["implied_qwen3_8b_sync_seconds"] = round(QWEN3_8B_BF16_BYTES / 1e9 / results[0]["gb_per_s"], 1)
+        results.append(summary)
         for r in results:
             print(json.dumps(r))
         if mode == "distributed":
@@ -86,6 +103,39 @@ def run(shape_cfg: dict, mode: str, bucket_bytes: int, repeats: int, dtype: str)
         if engine is not None:
             engine.shutdown()
         tmp.cleanup()
+
+
+QWEN3_8B_BF16_BYTES = 8_190_735_360 * 2
+
+
+def _copy_seconds(nbytes: int) -> float:
+    """One device copy of the same bytes (the memory-bandwidth limit of any transport on this machine)."""
+    import time
+
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    start = time.perf_counter()
+    src.clone()
+    return time.perf_counter() - start
+
+
+def _single_broadcast_seconds(engine, sync, nbytes: int) -> float:
+    """The same bytes as ONE announced broadcast into the engine, inside a session that is closed without a
+    commit (the limit of the distributed transport: its HTTP, rendezvous and collective, no export)."""
+    import time
+
+    from tapo_megatron.rollout.buckets import FlatBucket, FlatTensorMeta
+
+    flat = torch.zeros(nbytes, dtype=torch.uint8)
+    bucket = FlatBucket(None, flat, [FlatTensorMeta("bench.flat", torch.Size([nbytes]), torch.uint8, 0, nbytes,
+                                                    nbytes)])
+    start = time.perf_counter()
+    engine.begin_weight_update(engine.weight_version)
+    engine.update_weights_from_distributed(bucket, sync.group_name(0), engine.weight_version, servers=[0],
+                                           send=lambda: torch.distributed.broadcast(flat, src=0, group=sync._groups[0]))
+    for server in engine.servers:  # close without committing: the staged "bench.flat" is dropped at the next begin
+        server.post("/end_weight_update", {})
+        server.post("/continue_generation", {})
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> None:

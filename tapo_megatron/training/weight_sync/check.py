@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from tapo_megatron.records import SamplingParams
 from tapo_megatron.rollout.base import RolloutEngine
 from tapo_megatron.training.weight_sync.common import WeightSyncError
 
@@ -21,22 +20,7 @@ def probe_tokens(vocab_size: int, num: int = 2, length: int = 16, seed: int = 12
 
 def engine_prompt_logprobs(engine: RolloutEngine, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Per engine server: log p(tokens[:, t] | tokens[:, :t]) for t >= 1, [num, length - 1] fp32."""
-    from tapo_megatron.rollout.sglang import SGLangEngine, generate_payload
-
-    if isinstance(engine, SGLangEngine):
-        prompts = tokens.tolist()
-        params = SamplingParams(temperature=0.0, max_new_tokens=1)
-        out = []
-        for server in engine.servers:
-            rids = [f"tapo-probe-{server.index}-{i}" for i in range(len(prompts))]
-            outputs = server.post("/generate", generate_payload(prompts, params, rids, prompt_logprobs=True))
-            rows = [[e[0] for e in o["meta_info"]["input_token_logprobs"][1:]] for o in outputs]
-            out.append(torch.tensor(rows, dtype=torch.float32))
-        return out
-    model = engine.model  # in-process engine (NativeEngine)
-    with torch.inference_mode():
-        logits = model(input_ids=tokens.to(next(model.parameters()).device)).logits.float().cpu()
-    return [torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)]
+    return engine.prompt_logprobs(tokens)
 
 
 def check_logprobs(actor, engine: RolloutEngine | None, tokens: torch.Tensor, atol: float) -> float:

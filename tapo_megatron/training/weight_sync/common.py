@@ -7,29 +7,86 @@ Streams (all built on ``convert.qwen3.export_hf_weights``: HF names, TP-gathered
   PP stage's source sends its own buckets.
 * ``all_stage_buckets``: global rank 0 receives every stage's buckets in stage order (other stages' sources ship
   theirs to rank 0). Used where one process feeds the engine (in-process native engine, colocated IPC, disk).
+
+The flat layouts live in ``rollout.buckets`` (the engines decode them).
 """
 from __future__ import annotations
 
 import abc
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from tapo_megatron.convert.qwen3 import export_hf_weights
+from tapo_megatron.errors import TapoError
 from tapo_megatron.parallel import ParallelContext
+from tapo_megatron.rollout.buckets import (  # noqa: F401  (re-exported for the transports)
+    Bucket,
+    FlatBucket,
+    FlatTensorMeta,
+    bucket_nbytes,
+    flatten_by_dtype,
+    flatten_for_broadcast,
+    unflatten,
+)
 
-Bucket = list[tuple[str, torch.Tensor]]
+
+class WeightSyncError(TapoError, RuntimeError):
+    """A weight sync that did not complete: one line naming the engine and the weight version; no engine serves a
+    half-updated model afterwards (it still serves the previous version, or stays paused until the next sync)."""
 
 
-class WeightSyncError(RuntimeError):
-    """A weight sync that did not complete; the engines still serve the previous version (message says why)."""
+def raise_if_rank0_failed(ctx: ParallelContext, mode: str, error: str | None, version: int, engine) -> None:
+    """Broadcast "did rank 0's engine take the update"; on failure every rank raises the same WeightSyncError,
+    naming the engine's error and the version it still serves. Collective."""
+    failed = torch.tensor([1.0 if error else 0.0], device=ctx.device)
+    if ctx.world_size > 1:
+        dist.broadcast(failed, src=0)
+    if failed.item() > 0:
+        served = engine.weight_version if engine is not None else "the previous one"
+        raise WeightSyncError(f"{mode} weight sync to version {version} failed"
+                              + (f": {error}" if error else " on rank 0") + f"; the engine serves version {served}")
 
 
-def bucket_nbytes(bucket: Sequence[tuple[str, torch.Tensor]]) -> int:
-    return sum(t.numel() * t.element_size() for _, t in bucket)
+def shape_mismatch(model, engine) -> str | None:
+    """Rank 0, before any bucket is sent: the first names/shapes where the trainer's HF export and the engine's
+    model differ (a tied ``lm_head.weight`` may be absent on either side); None when they agree or the engine
+    cannot say."""
+    expected = engine.expected_weight_shapes() if engine is not None else None
+    if expected is None:
+        return None
+    from tapo_megatron.convert.qwen3 import hf_shapes, shape_of_model
+
+    sent = hf_shapes(shape_of_model(model))
+    tied = {"lm_head.weight"}
+    unknown = [n for n in sent if n not in expected]
+    missing = [n for n in expected if n not in sent and n not in tied]
+    wrong = [f"{n} {tuple(sent[n])} vs engine {tuple(expected[n])}" for n in sent
+             if n in expected and tuple(sent[n]) != tuple(expected[n])]
+    problems = ([f"unknown to the engine: {', '.join(unknown[:3])}"] if unknown else []) + \
+               ([f"missing from the trainer: {', '.join(missing[:3])}"] if missing else []) + \
+               ([f"shape {'; '.join(wrong[:3])}"] if wrong else [])
+    return "; ".join(problems) or None
+
+
+def refuse_mismatched_engine(model, ctx: ParallelContext, engine, mode: str, version: int) -> None:
+    """Collective: every rank raises the same WeightSyncError when rank 0 finds a name/shape mismatch."""
+    problem = None
+    if ctx.rank == 0:
+        try:
+            problem = shape_mismatch(model, engine)
+        except Exception as err:  # noqa: BLE001 - e.g. the engine is unreachable: report it like a mismatch
+            problem = f"could not read the engine's model: {type(err).__name__}: {err}"
+    if ctx.world_size > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise WeightSyncError(f"{mode} weight sync to version {version} refused before sending anything: the "
+                              f"trainer's model and the engine's differ ({problem})")
 
 
 def is_source_rank(ctx: ParallelContext) -> bool:
@@ -63,51 +120,6 @@ def all_stage_buckets(model, ctx: ParallelContext, bucket_bytes: int) -> Iterato
                 if box[0] is None:
                     break
                 yield box[0]
-
-
-@dataclass
-class FlatTensorMeta:
-    """Where one tensor lives in a flat byte buffer (field names as SGLang's ``FlattenedTensorMetadata``:
-    byte offsets ``start_idx:end_idx``, ``numel`` counts bytes)."""
-
-    name: str
-    shape: torch.Size
-    dtype: torch.dtype
-    start_idx: int
-    end_idx: int
-    numel: int
-
-
-@dataclass
-class FlatBucket:
-    """One dtype's tensors of a bucket, concatenated into one uint8 buffer (one IPC handle instead of one per
-    tensor)."""
-
-    dtype: torch.dtype
-    flat: torch.Tensor  # [total_bytes] uint8, on the tensors' device
-    metadata: list[FlatTensorMeta]
-
-
-def flatten_by_dtype(bucket: Sequence[tuple[str, torch.Tensor]]) -> list[FlatBucket]:
-    """Group a bucket by dtype and concatenate each group's raw bytes, in bucket order within a group."""
-    groups: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
-    for name, tensor in bucket:
-        groups.setdefault(tensor.dtype, []).append((name, tensor))
-    out = []
-    for dtype, items in groups.items():
-        parts, metadata, offset = [], [], 0
-        for name, tensor in items:
-            raw = tensor.detach().contiguous().view(-1).view(torch.uint8)
-            metadata.append(FlatTensorMeta(name, tensor.shape, dtype, offset, offset + raw.numel(), raw.numel()))
-            parts.append(raw)
-            offset += raw.numel()
-        out.append(FlatBucket(dtype, torch.cat(parts), metadata))
-    return out
-
-
-def unflatten(flat: FlatBucket) -> Bucket:
-    """Inverse of ``flatten_by_dtype`` for one group: views into ``flat.flat``."""
-    return [(m.name, flat.flat[m.start_idx:m.end_idx].view(m.dtype).reshape(m.shape)) for m in flat.metadata]
 
 
 @dataclass
@@ -151,6 +163,13 @@ class WeightSync(abc.ABC):
     """
 
     mode: str = ""
+    _shapes_checked = False
+
+    def check_engine_shapes(self, version: int) -> None:
+        """Once (and again after an engine restart): refuse an engine whose model differs, before any bucket."""
+        if not self._shapes_checked:
+            refuse_mismatched_engine(self.model, self.ctx, self.engine, self.mode, version)
+            self._shapes_checked = True
 
     def connect(self) -> None:
         """Set up transport state (process groups, directories). Default: nothing to do."""

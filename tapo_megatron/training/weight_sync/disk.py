@@ -2,9 +2,9 @@
 
 Slowest transport, but needs nothing shared between trainer and engines except a directory (e.g. engines in another
 cluster, or debugging). Rank 0 gathers every stage's buckets into ``<root>/v<version>/`` (safetensors shards +
-``config.json``), then POSTs ``/update_weights_from_disk`` to every server (or, for an in-process engine, streams the
-written files into ``update_weights``). The path becomes the engine's ``reload_path``, so a server restarted later
-comes back on the current weights. Only the newest ``keep`` checkpoints are kept.
+``config.json``), then calls ``engine.update_weights_from_disk(path, version)`` (SGLang: ``/update_weights_from_disk``
+on every server, which becomes its ``reload_path``, so a server restarted later comes back on the current weights;
+an in-process engine streams the written files into its atomic update). Only the newest ``keep`` checkpoints are kept.
 """
 from __future__ import annotations
 
@@ -12,13 +12,19 @@ import json
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
 
-from tapo_megatron.convert.hf_io import HFCheckpointReader, HFShardWriter
+from tapo_megatron.convert.hf_io import HFShardWriter
 from tapo_megatron.convert.qwen3 import shape_of_model
 from tapo_megatron.parallel import ParallelContext
 from tapo_megatron.rollout.base import RolloutEngine
-from tapo_megatron.training.weight_sync.common import SyncStats, Timer, WeightSync, all_stage_buckets, bucket_nbytes
+from tapo_megatron.training.weight_sync.common import (
+    SyncStats,
+    Timer,
+    WeightSync,
+    all_stage_buckets,
+    bucket_nbytes,
+    raise_if_rank0_failed,
+)
 
 
 class DiskWeightSync(WeightSync):
@@ -35,10 +41,9 @@ class DiskWeightSync(WeightSync):
         self.root, self.bucket_bytes, self.keep = Path(root), bucket_bytes, keep
 
     def sync(self, version: int) -> SyncStats:
-        from tapo_megatron.rollout.sglang import SGLangEngine, update_disk_payload
-
         stats = SyncStats(mode=self.mode, version=version)
         with Timer() as timer:
+            self.check_engine_shapes(version)
             out = self.root / f"v{version}"
             writer = HFShardWriter(out, max_shard_bytes=max(self.bucket_bytes, 2**30)) if self.ctx.rank == 0 else None
             for bucket in all_stage_buckets(self.model, self.ctx, self.bucket_bytes):
@@ -48,23 +53,18 @@ class DiskWeightSync(WeightSync):
                     stats.bucket_bytes.append(bucket_nbytes(bucket))
                     stats.bytes += stats.bucket_bytes[-1]
                     stats.num_tensors += len(bucket)
+            error = None
             if writer is not None:
                 writer.close()
                 (out / "config.json").write_text(json.dumps(shape_of_model(self.model).to_hf(), indent=2) + "\n")
-                if isinstance(self.engine, SGLangEngine):
-                    for server in self.engine.servers:
-                        server.post("/update_weights_from_disk", update_disk_payload(str(out), version))
-                    self.engine.set_weight_version(version)
-                    self.engine.reload_path = str(out)
-                elif self.engine is not None:
-                    reader = HFCheckpointReader(out)
+                if self.engine is not None:
                     try:
-                        self.engine.update_weights(([(n, reader[n])] for n in reader), version)
-                    finally:
-                        reader.close()
-                self._prune(version)
-            if self.ctx.world_size > 1:
-                dist.barrier()
+                        self.engine.update_weights_from_disk(str(out), version)
+                    except Exception as err:  # noqa: BLE001 - reported on every rank below
+                        error = f"{type(err).__name__}: {err}"
+                if error is None:
+                    self._prune(version)
+            raise_if_rank0_failed(self.ctx, self.mode, error, version, self.engine)
         stats.seconds = timer.seconds
         return stats
 

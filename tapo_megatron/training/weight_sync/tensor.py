@@ -1,84 +1,72 @@
 """Colocated weight sync: the engines share the trainer's devices, so weights move by reference, not by copy.
 
-* In-process engine (``NativeEngine`` on global rank 0): the all-stage bucket stream goes straight into
-  ``engine.update_weights(stream, version)``, which stages, validates and applies atomically.
-* SGLang engines on the same GPUs: each bucket is grouped by dtype and flattened into one buffer per dtype
-  (``flatten_by_dtype``); the buffer's CUDA IPC handle is serialized with SGLang's ``MultiprocessingSerializer``
-  and sent with ``/update_weights_from_tensor`` (``load_format="flattened_bucket"``), one copy of the handle per
-  engine TP rank (each rank opens it and keeps its shard). The weight version rides on the last bucket. The buffer
-  stays referenced until the engine has answered, since the engine reads it directly.
+The transport calls ``engine.update_weights_from_tensor(stream, version)`` on global rank 0 and never looks at the
+engine's type. What the stream holds depends on ``per_rank_ipc`` (set from the config, the same on every rank):
+
+* False (an in-process engine, or TP-1 SGLang): rank 0's HF-named buckets (all stages gathered to rank 0).
+* True (SGLang engines on the trainer's GPUs): per bucket, a list of ``rollout.sglang.TensorPayload`` - every
+  trainer rank of the first pipeline stage flattens its own copy of the bucket (TP all-gathered, so every TP rank
+  holds it, on its own GPU), serializes it as SGLang's flattened-bucket payload (CUDA-IPC handle, device named by
+  UUID through SGLang's reductions patch) and the payloads are gathered to rank 0, which sends engine ``i``'s TP
+  rank ``r`` the payload of the trainer rank on GPU ``i * engine_tp + r``: each engine rank opens memory on its own
+  GPU, owned by the trainer process on that GPU (as slime's ``UpdateWeightFromTensor`` and NeMo-RL do). The buffers stay
+  referenced until rank 0 says the engines answered (a barrier per bucket), since the engines read them in place.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 
+from tapo_megatron.convert.qwen3 import export_hf_weights
 from tapo_megatron.parallel import ParallelContext
 from tapo_megatron.rollout.base import RolloutEngine
 from tapo_megatron.training.weight_sync.common import (
     Bucket,
-    FlatBucket,
     SyncStats,
     Timer,
     WeightSync,
+    WeightSyncError,
     all_stage_buckets,
     bucket_nbytes,
     flatten_by_dtype,
+    raise_if_rank0_failed,
 )
 
 
-def serialize_flat_bucket(flat: FlatBucket) -> str:
-    """A FlatBucket as SGLang's flattened-bucket payload, base64 (``MultiprocessingSerializer``: CUDA tensors
-    travel as IPC handles). Needs sglang importable (true wherever SGLang engines run)."""
-    from sglang.srt.utils import MultiprocessingSerializer
-    from sglang.srt.weight_sync.tensor_bucket import FlattenedTensorMetadata
+def rank_payload_stream(model, ctx: ParallelContext, bucket_bytes: int, serialize: Callable, stats: SyncStats,
+                        engine_tp: int) -> Iterator[list]:
+    """Per bucket, on rank 0: one ``TensorPayload`` per dtype group, ``per_server[i][r]`` serialized by the trainer
+    rank on GPU ``i * engine_tp + r`` (global rank = GPU index: one node, PP 1; every rank holds the whole bucket
+    after the TP all-gather); elsewhere yields nothing but must be iterated in lockstep (a gather per bucket)."""
+    from tapo_megatron.rollout.sglang import TensorPayload
 
-    # SGLang's own metadata class, so the engine process can unpickle it without importing tapo_megatron.
-    metadata = [FlattenedTensorMetadata(name=m.name, shape=m.shape, dtype=m.dtype, start_idx=m.start_idx,
-                                        end_idx=m.end_idx, numel=m.numel) for m in flat.metadata]
-    return MultiprocessingSerializer.serialize({"flattened_tensor": flat.flat, "metadata": metadata},
-                                               output_str=True)
-
-
-def _lookahead(buckets: Iterable[Bucket]) -> Iterable[tuple[Bucket, bool]]:
-    """(bucket, is_last) pairs, so the last bucket can carry the version."""
-    iterator = iter(buckets)
-    try:
-        current = next(iterator)
-    except StopIteration:
-        return
-    for nxt in iterator:
-        yield current, False
-        current = nxt
-    yield current, True
-
-
-def push_buckets_via_ipc(engine: Any, buckets: Iterable[Bucket], version: int) -> SyncStats:
-    """Send buckets to every server of an ``SGLangEngine`` through CUDA IPC (see module docstring)."""
-    from tapo_megatron.rollout.sglang import pause_payload, update_tensor_payload
-
-    stats = SyncStats(mode="colocated", version=version)
-    for server in engine.servers:
-        server.post("/pause_generation", pause_payload())
-    for bucket, last in _lookahead(buckets):
+    if ctx.pp_size != 1:
+        raise WeightSyncError("colocated per-rank CUDA-IPC sync needs pipeline_model_parallel_size=1 (each engine "
+                              "rank must find the whole model on its GPU)")
+    if ctx.world_size % engine_tp:
+        raise WeightSyncError(f"engine TP {engine_tp} does not divide the {ctx.world_size} trainer ranks")
+    for bucket in export_hf_weights(model, ctx, bucket_bytes):
         flats = flatten_by_dtype(bucket)
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the flat buffers must be written before another process reads them
-        for j, flat in enumerate(flats):
-            serialized = serialize_flat_bucket(flat)
-            tag = version if last and j == len(flats) - 1 else None
-            for server in engine.servers:
-                server.post("/update_weights_from_tensor",
-                            update_tensor_payload([serialized] * server.world_size, tag))
-        stats.bucket_bytes.append(bucket_nbytes(bucket))
-        stats.bytes += stats.bucket_bytes[-1]
-        stats.num_tensors += len(bucket)
-        del flats  # only now: the engines answered, so they are done reading the buffers
-    for server in engine.servers:
-        server.post("/continue_generation", {})
-    return stats
+        mine = [serialize(f) for f in flats]
+        gathered = [None] * ctx.world_size if ctx.rank == 0 else None
+        if ctx.world_size > 1:
+            dist.gather_object(mine, gathered, dst=0)
+        else:
+            gathered = [mine]
+        if ctx.rank == 0:
+            stats.bucket_bytes.append(bucket_nbytes(bucket))
+            stats.bytes += stats.bucket_bytes[-1]
+            stats.num_tensors += len(bucket)
+            servers = ctx.world_size // engine_tp
+            yield [TensorPayload([[gathered[i * engine_tp + r][j] for r in range(engine_tp)] for i in range(servers)],
+                                 flat.nbytes) for j, flat in enumerate(flats)]
+        if ctx.world_size > 1:
+            dist.barrier()  # rank 0 has the engines' answers for this bucket: the buffers may go
+        del flats
 
 
 class TensorWeightSync(WeightSync):
@@ -87,42 +75,51 @@ class TensorWeightSync(WeightSync):
     Args:
         model: the actor's (possibly DDP-wrapped) Qwen3 stage.
         ctx: the trainer's parallel context.
-        engine: on global rank 0 the engine (``NativeEngine`` or ``SGLangEngine``); None on other ranks.
+        engine: on global rank 0 the engine; None on other ranks.
         bucket_bytes: bound on one bucket.
+        per_rank_ipc: build one CUDA-IPC payload per engine TP rank on the trainer rank of that GPU.
+        engine_tp: GPUs per engine (``launch.engine_tp``): engine i's TP rank r sits on GPU i * engine_tp + r.
+        serialize: FlatBucket -> payload string (default: SGLang's flattened-bucket serializer).
     """
 
     mode = "colocated"
 
-    def __init__(self, model, ctx: ParallelContext, engine: RolloutEngine | None, bucket_bytes: int):
+    def __init__(self, model, ctx: ParallelContext, engine: RolloutEngine | None, bucket_bytes: int, *,
+                 per_rank_ipc: bool = False, serialize: Callable | None = None, engine_tp: int = 1):
         if bucket_bytes <= 0:
             raise ValueError(f"bucket_bytes={bucket_bytes} must be positive")
         self.model, self.ctx, self.engine, self.bucket_bytes = model, ctx, engine, bucket_bytes
+        self.per_rank_ipc, self.engine_tp = per_rank_ipc, engine_tp
+        if serialize is None and per_rank_ipc:
+            from tapo_megatron.rollout.sglang import serialize_flat_bucket as serialize
+        self.serialize = serialize
 
     def sync(self, version: int) -> SyncStats:
-        import torch.distributed as dist
-
-        from tapo_megatron.rollout.sglang import SGLangEngine
-
         stats = SyncStats(mode=self.mode, version=version)
         with Timer() as timer:
-            stream = all_stage_buckets(self.model, self.ctx, self.bucket_bytes)
+            self.check_engine_shapes(version)
+            if self.per_rank_ipc:
+                stream = rank_payload_stream(self.model, self.ctx, self.bucket_bytes, self.serialize, stats,
+                                             self.engine_tp)
+            else:
+                stream = _counted(all_stage_buckets(self.model, self.ctx, self.bucket_bytes), stats)
+            error = None
             if self.ctx.rank == 0 and self.engine is not None:
-                if isinstance(self.engine, SGLangEngine):
-                    sent = push_buckets_via_ipc(self.engine, stream, version)
-                    self.engine.set_weight_version(version)
-                    stats.bytes, stats.bucket_bytes, stats.num_tensors = sent.bytes, sent.bucket_bytes, sent.num_tensors
-                else:
-                    self.engine.update_weights(_counted(stream, stats), version)
+                try:
+                    self.engine.update_weights_from_tensor(stream, version)
+                except Exception as err:  # noqa: BLE001 - reported on every rank below
+                    error = f"{type(err).__name__}: {err}"
+                for _ in stream:  # a failed engine stops reading: finish the collectives of the other ranks
+                    pass
             else:
                 for _ in stream:
                     pass
-            if self.ctx.world_size > 1:
-                dist.barrier()
+            raise_if_rank0_failed(self.ctx, self.mode, error, version, self.engine)
         stats.seconds = timer.seconds
         return stats
 
 
-def _counted(stream: Iterable[Bucket], stats: SyncStats) -> Iterable[Bucket]:
+def _counted(stream: Iterable[Bucket], stats: SyncStats) -> Iterator[Bucket]:
     for bucket in stream:
         stats.bucket_bytes.append(bucket_nbytes(bucket))
         stats.bytes += stats.bucket_bytes[-1]
