@@ -35,7 +35,6 @@ copied verbatim and fails to splice as ``prefix_mismatch``.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 from tapo_megatron.config import TapoConfig
@@ -48,6 +47,7 @@ from tapo_megatron.trajectory.constructors import (
     Constructor,
     StepVerifierTask,
     register_constructor,
+    stopping_at_eos,
 )
 from tapo_megatron.trajectory.parse import DEFAULT_MAX_CHARS, Construction, FailureReason, parse_construction
 
@@ -110,11 +110,8 @@ class ContinuationConstructor(Constructor):
             ) from exc
         self.engine = engine
         self.tokenizer = tokenizer
-        sampling = sampling or SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=256)
-        if tokenizer.eos_id not in sampling.stop_token_ids:
-            stops = tuple(sampling.stop_token_ids) + (tokenizer.eos_id,)
-            sampling = dataclasses.replace(sampling, stop_token_ids=stops)
-        self.sampling = sampling
+        self.sampling = stopping_at_eos(sampling or SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=256),
+                                        tokenizer.eos_id)
         self.max_chars = max_chars
 
     @classmethod

@@ -63,6 +63,13 @@ _PLACEHOLDERS = ("problem", "wrong_solution", "reference_solution")
 _PLACEHOLDER_RE = re.compile(r"\{(" + "|".join(_PLACEHOLDERS) + r")\}")
 
 
+def stopping_at_eos(sampling: SamplingParams, eos_id: int) -> SamplingParams:
+    """``sampling`` with the tokenizer's EOS among its stop tokens (a construction ends where the policy ends)."""
+    if eos_id in sampling.stop_token_ids:
+        return sampling
+    return dataclasses.replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) + (eos_id,))
+
+
 @dataclass
 class ConstructionRequest:
     """One wrong rollout to repair, with a correct rollout of the same group as the reference."""
@@ -215,11 +222,8 @@ class PolicyConstructor(Constructor):
         self.engine = engine
         self.tokenizer = tokenizer
         self.template, self.template_path = _load_template(template_path)
-        sampling = sampling or SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=1024)
-        if tokenizer.eos_id not in sampling.stop_token_ids:
-            stops = tuple(sampling.stop_token_ids) + (tokenizer.eos_id,)
-            sampling = dataclasses.replace(sampling, stop_token_ids=stops)
-        self.sampling = sampling
+        self.sampling = stopping_at_eos(sampling or SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=1024),
+                                        tokenizer.eos_id)
         self.max_chars = max_chars
         try:  # fail at build time, not mid-training, when the tokenizer cannot express the prompt
             tokenizer.chat_prompt_ids(render_construction_prompt(self.template, "1+1", "2", "2"))
@@ -353,10 +357,8 @@ class LocatedPolicyConstructor(Constructor):
             raise ConfigError(f"tapo.constructor='policy_located': the task's step verifier {step_verifier!r} has no "
                               "correction_prefix() / correction_marker (see StepVerifierTask)")
         tokenizer.encode(self.marker)  # a marker the vocabulary cannot express fails here, not mid-training
-        sampling = sampling or SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=256)
-        if tokenizer.eos_id not in sampling.stop_token_ids:
-            sampling = dataclasses.replace(sampling, stop_token_ids=tuple(sampling.stop_token_ids) + (tokenizer.eos_id,))
-        self.sampling = sampling
+        self.sampling = stopping_at_eos(sampling or SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=256),
+                                        tokenizer.eos_id)
         self.max_chars = max_chars
 
     @classmethod
