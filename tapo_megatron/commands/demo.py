@@ -48,7 +48,11 @@ DEMO_RECIPE = RECIPES_DIR / "demo.yaml"
 ARMS: dict[str, list[str]] = {
     "grpo": ["tapo.enabled=false", "algorithm.advantage_estimator=grpo"],
     "tapo": ["tapo.enabled=true", "tapo.constructor=policy_located", "algorithm.advantage_estimator=dae"],
-    "tapo_oracle": ["tapo.enabled=true", "tapo.constructor=step_verifier", "algorithm.advantage_estimator=dae"],
+    # The program's corrections are always correct, so every constructed group is all-equal: under the recipe's
+    # "zero" rule they carry no signal and the arm is bit-identical to grpo (measured). "fixed" (+1 for a correct
+    # construction) is the signal the oracle gives: the previous demo's TAPO arm.
+    "tapo_oracle": ["tapo.enabled=true", "tapo.constructor=step_verifier", "algorithm.advantage_estimator=dae",
+                    "tapo.constructed_zero_variance=fixed"],
     # ablations of the TAPO arm: one token mean over both branches at lambda = 1; the spliced prefix trained too
     "tapo_joint": ["tapo.enabled=true", "tapo.constructor=policy_located", "algorithm.advantage_estimator=dae",
                    "tapo.branch_normalization=joint", "tapo.constructed_coef=1.0"],
