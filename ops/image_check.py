@@ -51,9 +51,21 @@ def platforms(glibc: str) -> list[str]:
     return tags + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
 
 
+def machine_pip_setting(key: str) -> str:
+    """One value of this machine's pip configuration ("" when unset)."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "config", "get", key], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
 def registry_env(versions: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_CONSTRAINT")}
-    env["PIP_CONFIG_FILE"] = os.devnull  # no config files: the registry, not this machine's wheel folders
+    # A registry mirror and CA bundle configured on the machine are the registry (a CI proxy): keep those two.
+    index, cert = machine_pip_setting("global.index-url"), machine_pip_setting("global.cert")
+    if "PIP_INDEX_URL" not in env and index.startswith(("http://", "https://")):
+        env["PIP_INDEX_URL"] = index
+    if "PIP_CERT" not in env and cert:
+        env["PIP_CERT"] = cert
+    env["PIP_CONFIG_FILE"] = os.devnull  # no other config: the registry, not this machine's wheel folders
     env.update(versions)  # requirements-image.txt's ${VAR}s
     return env
 
@@ -119,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("transformer-engine-cu13", "TRANSFORMER_ENGINE_VERSION")):
         if resolved.get(name) != versions[var]:
             failed.append(f"{name} resolved to {resolved.get(name)}, versions.env {var}={versions[var]}")
-    index = os.environ.get("PIP_INDEX_URL", DEFAULT_INDEX)
+    index = registry_env(versions).get("PIP_INDEX_URL", DEFAULT_INDEX)
     te = versions["TRANSFORMER_ENGINE_VERSION"]
     try:
         bad = unmet(sdist_requires(index, "transformer-engine-torch", te), resolved)
