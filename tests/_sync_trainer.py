@@ -17,7 +17,7 @@ from tapo_megatron.parallel import init_parallel
 from tapo_megatron.records import SamplingParams
 from tapo_megatron.rollout.sglang import EngineServer, SGLangEngine
 from tapo_megatron.training.actor import MegatronActor
-from tapo_megatron.training.weight_sync import DiskWeightSync, WeightSyncError, check_logprobs, engine_prompt_logprobs
+from tapo_megatron.training.weight_sync import DiskWeightSync, WeightSyncError, check_logprobs
 from tapo_megatron.training.weight_sync import distributed as distributed_module
 from tapo_megatron.training.weight_sync.distributed import DistributedWeightSync
 
@@ -77,7 +77,7 @@ def main(url: str, bucket_bytes: int, out: str, disk_dir: str) -> None:
         distributed_module.export_hf_weights = real_export
     if ctx.rank == 0:
         result["after_interrupt_version"] = servers[0].weight_version()
-        result["after_interrupt_engine_lp"] = engine_prompt_logprobs(engine, probes)[0]
+        result["after_interrupt_engine_lp"] = engine.prompt_logprobs(probes)[0]
     actor_v2, _ = actor.compute_logprobs(probes)
     if ctx.rank == 0:
         result["v2_actor_probe_lp"] = actor_v2[:, 1:].float()

@@ -1,5 +1,5 @@
 """The shipped data: every file present with its row count, the Qwen3 tokenizer built byte-identical to Qwen's, and
-no module, test or recipe that names a path outside the repository (a clone has no ../shared beside it)."""
+no module, test or recipe that names a path outside the repository (a clone has no sibling development folders beside it)."""
 import hashlib
 import json
 import os
@@ -88,8 +88,8 @@ def test_read_only_package_builds_into_the_cache_concurrently(tmp_path):
                                                          "vocab.json"]
 
 
-# Paths that only exist on a development machine: a sibling ../shared folder, the workspace, home directories.
-OUTSIDE = re.compile(r"\.\./shared|shared/data|shared_data|TAPO_SHARED|/work/|/home/|/root/")
+# Paths that only exist on a development machine: the sibling source-data folder, the workspace, home directories.
+OUTSIDE = re.compile(r"[.][.]/shared|shared/data|shared_data|TAPO_SHARED|/work/|/home/|/root/")
 
 
 def test_nothing_names_a_path_outside_the_repository():

@@ -99,6 +99,9 @@ class ScriptedEngine(RolloutEngine):
 
     def shutdown(self): pass
 
+    def prompt_logprobs(self, tokens):
+        raise AssertionError("a scripted engine has no model to score prompts with")
+
     def health(self): return True
 
 

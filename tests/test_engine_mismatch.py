@@ -77,6 +77,9 @@ class _VersionedEngine(RolloutEngine):
     def release_memory(self): ...
     def resume_memory(self): ...
     def shutdown(self): ...
+    def prompt_logprobs(self, tokens):
+        raise AssertionError("a scripted engine has no model to score prompts with")
+
     def health(self): return True
 
 

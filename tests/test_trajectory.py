@@ -390,6 +390,9 @@ class FakeEngine(RolloutEngine):
 
     def shutdown(self) -> None: ...
 
+    def prompt_logprobs(self, tokens):
+        raise AssertionError("a scripted engine has no model to score prompts with")
+
     def health(self) -> bool:
         return True
 

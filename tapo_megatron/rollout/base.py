@@ -124,9 +124,10 @@ class RolloutEngine(abc.ABC):
         """HF name -> shape of every weight the engine's model holds (None: unknown, the check is skipped)."""
         return None
 
+    @abc.abstractmethod
     def prompt_logprobs(self, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """Per server (one for an in-process engine): log p(tokens[:, t] | tokens[:, :t]) for t >= 1, fp32."""
-        raise NotImplementedError(f"{type(self).__name__} does not score prompts")
+        """Per server (one for an in-process engine): log p(tokens[:, t] | tokens[:, :t]) for t >= 1, fp32 (the
+        post-sync check, ``rollout.weight_sync_check=logprobs``)."""
 
     @property
     @abc.abstractmethod

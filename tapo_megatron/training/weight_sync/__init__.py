@@ -23,7 +23,7 @@ import torch
 from tapo_megatron.config import ConfigError, RolloutConfig
 from tapo_megatron.parallel import broadcast_object
 from tapo_megatron.rollout.base import RolloutEngine
-from tapo_megatron.training.weight_sync.check import check_logprobs, engine_prompt_logprobs, probe_tokens
+from tapo_megatron.training.weight_sync.check import check_logprobs, probe_tokens
 from tapo_megatron.training.weight_sync.common import (
     FlatBucket,
     FlatTensorMeta,
@@ -146,7 +146,7 @@ def _colocated_sglang(rollout: RolloutConfig, launch) -> bool:
 
 __all__ = [
     "DiskWeightSync", "FlatBucket", "FlatTensorMeta", "SYNC_MODES", "SyncStats", "TensorWeightSync", "WeightSync",
-    "WeightSyncError", "all_stage_buckets", "bucket_nbytes", "check_logprobs", "engine_prompt_logprobs",
+    "WeightSyncError", "all_stage_buckets", "bucket_nbytes", "check_logprobs",
     "connect_weight_sync", "flatten_by_dtype", "gather_hf_state", "make_weight_sync", "probe_tokens",
     "push_weights", "refresh_engines", "release_engine_memory", "resume_engine_memory", "source_stage_buckets",
     "sync_weights", "unflatten",

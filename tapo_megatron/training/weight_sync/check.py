@@ -18,11 +18,6 @@ def probe_tokens(vocab_size: int, num: int = 2, length: int = 16, seed: int = 12
     return torch.randint(0, vocab_size, (num, length), generator=torch.Generator().manual_seed(seed))
 
 
-def engine_prompt_logprobs(engine: RolloutEngine, tokens: torch.Tensor) -> list[torch.Tensor]:
-    """Per engine server: log p(tokens[:, t] | tokens[:, :t]) for t >= 1, [num, length - 1] fp32."""
-    return engine.prompt_logprobs(tokens)
-
-
 def check_logprobs(actor, engine: RolloutEngine | None, tokens: torch.Tensor, atol: float) -> float:
     """Largest |actor - engine| log-prob over probes and servers (rank 0; 0.0 elsewhere). Collective: every
     trainer rank must call it. Raises ``WeightSyncError`` above ``atol``."""
@@ -31,7 +26,7 @@ def check_logprobs(actor, engine: RolloutEngine | None, tokens: torch.Tensor, at
         return 0.0
     reference = actor_lp[:, 1:].float().cpu()
     worst = 0.0
-    for i, got in enumerate(engine_prompt_logprobs(engine, tokens)):
+    for i, got in enumerate(engine.prompt_logprobs(tokens)):
         diff = float((got - reference).abs().max())
         worst = max(worst, diff)
         if not diff <= atol:  # also catches NaN
