@@ -16,7 +16,6 @@ import torch
 
 from tapo_megatron.algorithms.branches import branch_denominators, gradient_comparison
 from tapo_megatron.config import AlgorithmConfig, OptimizerConfig, ParallelConfig, TapoConfig
-from tapo_megatron.models.qwen3 import Qwen3Shape
 from tapo_megatron.parallel import init_parallel
 from tapo_megatron.records import FinishReason, Provenance, Rollout, Trajectory, TrajectoryKind
 from tapo_megatron.rewards import get_reward
@@ -26,6 +25,7 @@ from tapo_megatron.training.batch import batch_tensors, collate, fill_policy_ten
 from tapo_megatron.training.branch_grads import branch_gradient_stats
 from tapo_megatron.trajectory.builder import TrajectoryBuilder
 from tapo_megatron.trajectory.constructors import build_constructor
+from test_tapo_step import TINY_SHAPE
 
 torch.set_num_threads(1)
 
@@ -95,9 +95,7 @@ def test_joint_normalisation_lambda_zero_is_grpo_and_lambda_one_is_one_token_mea
 def test_branch_gradients_add_up_to_the_step_gradient_through_the_actor():
     torch.manual_seed(0)
     tokenizer, task = ArithmeticTokenizer(), ArithmeticTask()
-    shape = Qwen3Shape(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=10000.0,
-                       tie_word_embeddings=True, max_position_embeddings=128)
+    shape = TINY_SHAPE
     actor = MegatronActor(shape, init_parallel(1, 1, seed=11), OptimizerConfig(lr=1e-3, clip_grad=1e9),
                           ParallelConfig(micro_batch_size=8))
     rng, reward = random.Random(0), get_reward("exact")

@@ -40,12 +40,15 @@ def _rollouts(engine, tokenizer, task, queries, k=8):
     return out
 
 
+# A 2-layer GQA Qwen3 over the arithmetic vocabulary: the smallest model whose actor step is still meaningful.
+TINY_SHAPE = Qwen3Shape(vocab_size=ArithmeticTokenizer().vocab_size, hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                        rope_theta=10000.0, tie_word_embeddings=True, max_position_embeddings=128)
+
 def test_one_tapo_step_through_actor_and_engine():
     torch.manual_seed(0)
     tokenizer, task = ArithmeticTokenizer(), ArithmeticTask()
-    shape = Qwen3Shape(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, rope_theta=10000.0,
-                       tie_word_embeddings=True, max_position_embeddings=128)
+    shape = TINY_SHAPE
     ctx = init_parallel(1, 1, seed=11)
     actor = MegatronActor(shape, ctx, OptimizerConfig(lr=1e-3), ParallelConfig(micro_batch_size=16))
     engine = NativeEngine(shape.to_hf(), seed=1)
