@@ -70,7 +70,7 @@ def registry_env(versions: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def resolve(versions: dict[str, str], report: Path) -> dict[str, str]:
+def resolve(versions: dict[str, str], report: Path, env: dict[str, str]) -> dict[str, str]:
     """pip's dry-run resolution of requirements-image.txt; returns {canonical name: version}."""
     cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
            "--report", str(report), "--python-version", versions["IMAGE_PYTHON"], "--implementation", "cp",
@@ -78,7 +78,7 @@ def resolve(versions: dict[str, str], report: Path) -> dict[str, str]:
            "-r", str(REPO / "requirements-image.txt")]
     for tag in platforms(versions["IMAGE_GLIBC"]):
         cmd += ["--platform", tag]
-    proc = subprocess.run(cmd, env=registry_env(versions), capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join(line for line in proc.stderr.splitlines() if not line.startswith("INFO:"))[-3000:]
         raise SystemExit(f"FAIL resolve: pip could not resolve requirements-image.txt for CPython "
@@ -118,11 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default="", help="keep pip's JSON report here")
     args = p.parse_args(argv)
     versions = read_versions()
+    env = registry_env(versions)
     failed = []
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(args.report).resolve() if args.report else Path(tmp) / "report.json"
         report.parent.mkdir(parents=True, exist_ok=True)
-        resolved = resolve(versions, report)
+        resolved = resolve(versions, report, env)
     print(f"PASS resolve: {len(resolved)} packages for CPython {versions['IMAGE_PYTHON']} manylinux x86_64 "
           f"(glibc {versions['IMAGE_GLIBC']}): torch {resolved.get('torch')}, triton {resolved.get('triton')}, "
           f"transformer-engine-cu13 {resolved.get('transformer-engine-cu13')}, sglang {resolved.get('sglang')}, "
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("transformer-engine-cu13", "TRANSFORMER_ENGINE_VERSION")):
         if resolved.get(name) != versions[var]:
             failed.append(f"{name} resolved to {resolved.get(name)}, versions.env {var}={versions[var]}")
-    index = registry_env(versions).get("PIP_INDEX_URL", DEFAULT_INDEX)
+    index = env.get("PIP_INDEX_URL", DEFAULT_INDEX)
     te = versions["TRANSFORMER_ENGINE_VERSION"]
     try:
         bad = unmet(sdist_requires(index, "transformer-engine-torch", te), resolved)
